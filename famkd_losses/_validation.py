@@ -1,0 +1,175 @@
+"""Argument and input checks shared by every loss.
+
+Every check raises ``ValueError`` (wrong value or shape) or ``TypeError`` (wrong type or
+dtype) with a message that names the argument, the level where there is one, what was
+expected and what was given. Checks look at metadata only (shapes, dtypes, devices), so
+they never synchronise with the GPU and trace cleanly under ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from torch import Tensor
+
+__all__ = [
+    "at_level",
+    "check_choice",
+    "check_positive",
+    "check_ratio",
+    "check_channels",
+    "check_scales",
+    "check_tensor",
+    "check_same_device",
+    "check_pair",
+    "as_levels",
+]
+
+
+def at_level(level: int | None) -> str:
+    """The ``" at level l"`` suffix used in messages (empty for single-level calls)."""
+    return "" if level is None else f" at level {level}"
+
+
+def check_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {tuple(choices)!r}, got {value!r}")
+
+
+def check_positive(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a positive number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return float(value)
+
+
+def check_non_negative(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a non-negative number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a non-negative finite number, got {value!r}")
+    return float(value)
+
+
+def check_ratio(name: str, value: Any) -> float:
+    """A masking ratio: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__} {value!r}")
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def check_channels(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return value
+
+
+def check_channel_list(name: str, value: Any) -> list[int]:
+    if isinstance(value, (int, Tensor)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints (one per level), got {value!r}")
+    if len(value) == 0:
+        raise ValueError(f"{name} must name at least one level, got an empty sequence")
+    return [check_channels(f"{name}[{i}]", c) for i, c in enumerate(value)]
+
+
+def check_scales(name: str, value: Any) -> tuple[int, ...]:
+    """Pooling scales: a non-empty sequence of distinct positive ints."""
+    if isinstance(value, (int, Tensor)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of positive ints, got {value!r}")
+    if len(value) == 0:
+        raise ValueError(f"{name} must not be empty")
+    for s in value:
+        if isinstance(s, bool) or not isinstance(s, int) or s <= 0:
+            raise ValueError(f"{name} must hold positive ints, got {tuple(value)!r}")
+    if len(set(value)) != len(value):
+        raise ValueError(f"{name} must not repeat a scale, got {tuple(value)!r}")
+    return tuple(value)
+
+
+def check_tensor(name: str, x: Any, ndim: int | Sequence[int], level: int | None = None) -> Tensor:
+    """A floating tensor with the given number of dimensions and a non-empty batch."""
+    where = at_level(level)
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name}{where} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name}{where} must be a floating tensor (float32/float16/bfloat16/float64), got {x.dtype}")
+    dims = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+    if x.dim() not in dims:
+        want = " or ".join(f"{d}-D" for d in dims)
+        raise ValueError(f"{name}{where} must be {want}, got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{name}{where} has an empty batch (shape {tuple(x.shape)})")
+    if x.numel() == 0:
+        raise ValueError(f"{name}{where} is empty (shape {tuple(x.shape)})")
+    return x
+
+
+def check_same_device(named: Sequence[tuple[str, Tensor]], level: int | None = None) -> None:
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(
+                f"{name}{at_level(level)} is on {t.device} but {first_name} is on {first.device}; "
+                "put every input on one device"
+            )
+
+
+def check_pair(
+    s_name: str,
+    s: Any,
+    t_name: str,
+    t: Any,
+    *,
+    level: int | None = None,
+    same_channels: bool = True,
+    same_spatial: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Check a student/teacher pair of (N, C, H, W) maps against each other."""
+    check_tensor(s_name, s, 4, level)
+    check_tensor(t_name, t, 4, level)
+    check_same_device([(s_name, s), (t_name, t)], level)
+    where = at_level(level)
+    if s.shape[0] != t.shape[0]:
+        raise ValueError(
+            f"batch sizes differ{where}: {s_name} has {s.shape[0]} (shape {tuple(s.shape)}), "
+            f"{t_name} has {t.shape[0]} (shape {tuple(t.shape)})"
+        )
+    if same_channels and s.shape[1] != t.shape[1]:
+        raise ValueError(
+            f"channels differ{where}: {s_name} has {s.shape[1]}, {t_name} has {t.shape[1]}"
+        )
+    if same_spatial and s.shape[-2:] != t.shape[-2:]:
+        raise ValueError(
+            f"spatial sizes differ{where}: {s_name} is {tuple(s.shape[-2:])}, {t_name} is "
+            f"{tuple(t.shape[-2:])}; pass resize_student=True to resize the student bilinearly"
+        )
+    return s, t
+
+
+def as_levels(s_name: str, s: Any, t_name: str, t: Any) -> tuple[list[Tensor], list[Tensor], bool]:
+    """Accept one tensor pair or two sequences of levels of equal length.
+
+    Returns the two lists and whether a single tensor pair was given.
+    """
+    if isinstance(s, Tensor) or isinstance(t, Tensor):
+        if not (isinstance(s, Tensor) and isinstance(t, Tensor)):
+            raise TypeError(
+                f"{s_name} and {t_name} must both be tensors or both be sequences of levels, got "
+                f"{type(s).__name__} and {type(t).__name__}"
+            )
+        return [s], [t], True
+    for name, v in ((s_name, s), (t_name, t)):
+        if not isinstance(v, Sequence):
+            raise TypeError(f"{name} must be a tensor or a sequence of tensors (levels), got {type(v).__name__}")
+    if len(s) != len(t):
+        raise ValueError(f"number of levels differs: {s_name} has {len(s)}, {t_name} has {len(t)}")
+    if len(s) == 0:
+        raise ValueError(f"{s_name} and {t_name} must hold at least one level")
+    return list(s), list(t), False

@@ -1,0 +1,33 @@
+"""Temperature-scaled KL divergences between teacher and student logits (float32)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["binary_kl", "softmax_kl"]
+
+
+def binary_kl(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Per-class binary KL ``KL(Bern(p) || Bern(q))``, ``p = sigmoid(t/T)``, ``q = sigmoid(s/T)``.
+
+    Elementwise, any shape, float32. Evaluated in the stable closed form
+    ``p * (a - b) + softplus(b) - softplus(a)`` with ``a = t/T``, ``b = s/T``; it equals
+    ``p log(p/q) + (1-p) log((1-p)/(1-q))`` and is exactly 0 where the logits are equal.
+    Not multiplied by ``T^2``.
+    """
+    a = t_logits.float() / temperature
+    b = s_logits.float() / temperature
+    p = torch.sigmoid(a)
+    return p * (a - b) + F.softplus(b) - F.softplus(a)
+
+
+def softmax_kl(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0, dim: int = -1) -> Tensor:
+    """Hinton's ``KL(softmax(t/T) || softmax(s/T))`` over ``dim``, float32, ``dim`` reduced.
+
+    Not multiplied by ``T^2``.
+    """
+    log_p = torch.log_softmax(t_logits.float() / temperature, dim=dim)
+    log_q = torch.log_softmax(s_logits.float() / temperature, dim=dim)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=dim)

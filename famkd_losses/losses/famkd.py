@@ -1,0 +1,185 @@
+"""FAMKD: fine-grained adaptive feature masking distillation, features and logits together."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._backend import check_backend
+from .._validation import as_levels, check_channel_list
+from .feature import ScaleAwareMaskedFeatureLoss
+from .logits import MaskedLogitsLoss
+
+__all__ = ["FAMKDLoss"]
+
+
+class FAMKDLoss(nn.Module):
+    """The whole method (method.md section 5): one feature loss per FPN level plus the logits loss.
+
+    ``loss = sum_l ScaleAwareMaskedFeatureLoss_l(S_l, T_l) + MaskedLogitsLoss(Z_S, Z_T)``
+
+    Args:
+        student_channels: Cs per level, e.g. ``[128] * 5``.
+        teacher_channels: Ct per level, e.g. ``[256] * 5``.
+        scales, mask_mode, ratio_sp, ratio_ch, tau, branches, weighting, scale_weights, alpha,
+        share_generators, resize_student: passed to every
+            :class:`ScaleAwareMaskedFeatureLoss` (see there).
+        seed: seed of the random mask modes; level l uses ``seed + l``.
+        head, temperature, guidance, region_scales, weights, tau_w, ratio_l, beta,
+        num_classes: passed to :class:`MaskedLogitsLoss` (see there). With
+            ``guidance="feature"`` the logits of level l are guided by ``align(S_l)`` and
+            ``T_l``, so logits and features must come in the same number of levels.
+        backend: ``"auto"`` or ``"torch"``.
+
+    ``forward(s_feats, t_feats, s_logits=None, t_logits=None)``: features as sequences of
+    (N, C_l, H_l, W_l) maps; logits optional (feature-only distillation when both are
+    ``None``). Returns a float32 scalar; :meth:`last_terms` gives its parts.
+    """
+
+    def __init__(
+        self,
+        student_channels: Sequence[int],
+        teacher_channels: Sequence[int],
+        *,
+        scales: Sequence[int] = (1, 2, 4),
+        mask_mode: str = "topk",
+        ratio_sp: float = 0.65,
+        ratio_ch: float = 0.5,
+        tau: float = 0.5,
+        branches: Sequence[str] | str = ("spatial", "channel"),
+        weighting: str = "none",
+        scale_weights: Sequence[float] | None = None,
+        alpha: float = 2e-5,
+        share_generators: bool = True,
+        resize_student: bool = False,
+        seed: int | None = None,
+        head: str = "sigmoid",
+        temperature: float = 1.0,
+        guidance: str = "logit",
+        region_scales: Sequence[int] | None = None,
+        weights: str = "soft",
+        tau_w: float = 0.1,
+        ratio_l: float = 0.5,
+        beta: float = 1.0,
+        num_classes: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        s_ch = check_channel_list("student_channels", student_channels)
+        t_ch = check_channel_list("teacher_channels", teacher_channels)
+        if len(s_ch) != len(t_ch):
+            raise ValueError(
+                f"student_channels and teacher_channels must name the same number of levels, got "
+                f"{len(s_ch)} ({s_ch}) and {len(t_ch)} ({t_ch})"
+            )
+        self.backend = check_backend(backend)
+        self.feature_losses = nn.ModuleList(
+            ScaleAwareMaskedFeatureLoss(
+                cs,
+                ct,
+                scales=scales,
+                mask_mode=mask_mode,
+                ratio_sp=ratio_sp,
+                ratio_ch=ratio_ch,
+                tau=tau,
+                branches=branches,
+                weighting=weighting,
+                scale_weights=scale_weights,
+                alpha=alpha,
+                share_generators=share_generators,
+                resize_student=resize_student,
+                seed=None if seed is None else seed + level,
+                backend=backend,
+            )
+            for level, (cs, ct) in enumerate(zip(s_ch, t_ch))
+        )
+        self.logits_loss = MaskedLogitsLoss(
+            head=head,
+            temperature=temperature,
+            guidance=guidance,
+            region_scales=region_scales,
+            weights=weights,
+            tau_w=tau_w,
+            ratio_l=ratio_l,
+            beta=beta,
+            num_classes=num_classes,
+            backend=backend,
+        )
+        self._last_terms: dict[str, Tensor] = {}
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.feature_losses)
+
+    def forward(
+        self,
+        s_feats: Sequence[Tensor],
+        t_feats: Sequence[Tensor],
+        s_logits: Tensor | Sequence[Tensor] | None = None,
+        t_logits: Tensor | Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """Features (and optionally logits) of every level -> float32 scalar."""
+        s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
+        if len(s_list) != self.num_levels:
+            raise ValueError(
+                f"s_feats has {len(s_list)} levels but this loss was built for {self.num_levels} "
+                f"(student_channels has {self.num_levels} entries)"
+            )
+        if (s_logits is None) != (t_logits is None):
+            raise ValueError(
+                "pass both s_logits and t_logits, or neither (feature-only distillation); got "
+                f"s_logits={'None' if s_logits is None else 'given'}, t_logits={'None' if t_logits is None else 'given'}"
+            )
+        terms: dict[str, Tensor] = {}
+        aligned = []
+        feature_total = None
+        n0 = None
+        for level, (loss_l, s, t) in enumerate(zip(self.feature_losses, s_list, t_list)):
+            x = loss_l.aligned_student(s, t, level)
+            if n0 is None:
+                n0 = x.shape[0]
+            elif x.shape[0] != n0:
+                raise ValueError(f"batch size at level {level} is {x.shape[0]} but level 0 has {n0}")
+            value, scale_terms = loss_l.reconstruction_loss(x, t)
+            loss_l.last_scale_terms = scale_terms
+            aligned.append(x)
+            for s_, v in scale_terms.items():
+                terms[f"feature/level{level}/scale{s_}"] = v.detach()
+            terms[f"feature/level{level}"] = value.detach()
+            feature_total = value if feature_total is None else feature_total + value
+        assert feature_total is not None
+        total = feature_total
+        terms["feature"] = feature_total.detach()
+        if s_logits is not None and t_logits is not None:
+            if self.logits_loss.guidance == "feature":
+                logits_value = self.logits_loss(s_logits, t_logits, [a.detach() for a in aligned], t_list)
+            else:
+                logits_value = self.logits_loss(s_logits, t_logits)
+            for level, v in enumerate(self.logits_loss.last_level_terms):
+                terms[f"logits/level{level}"] = v
+            terms["logits"] = logits_value.detach()
+            total = total + logits_value
+        terms["total"] = total.detach()
+        self._last_terms = terms
+        return total
+
+    def last_terms(self) -> dict[str, Tensor]:
+        """The parts of the last call, detached float32 scalars.
+
+        Keys: ``"total"``, ``"feature"``, ``"feature/level{l}"``, ``"feature/level{l}/scale{s}"``
+        (the contribution of each scale used), and with logits ``"logits"`` and
+        ``"logits/level{l}"``.
+        """
+        return dict(self._last_terms)
+
+    @torch.no_grad()
+    def fusion_weights(self) -> list[Tensor]:
+        """The adaptive branch weights ``softmax(theta)`` per level: (num_scales, num_branches) each."""
+        return [
+            torch.softmax(fl.fusion_logits.float(), dim=-1)
+            if fl.fusion_logits is not None
+            else torch.ones(len(fl.scales), 1)
+            for fl in self.feature_losses
+        ]

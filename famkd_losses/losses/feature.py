@@ -1,0 +1,222 @@
+"""The feature part of FAMKD: scale-aware, attention-masked feature reconstruction (one FPN level)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .._backend import check_backend
+from .._validation import (
+    at_level,
+    check_channels,
+    check_choice,
+    check_non_negative,
+    check_pair,
+    check_positive,
+    check_ratio,
+    check_scales,
+)
+from ..functional import (
+    MASK_MODES,
+    channel_mask,
+    fuse_reconstructions,
+    max_pool,
+    reconstruction_error,
+    spatial_mask,
+    teacher_attention,
+)
+from ._common import FeatureGenerator, RandomSource, make_align, resize_to, to_module_dtype
+
+__all__ = ["ScaleAwareMaskedFeatureLoss", "BRANCHES", "WEIGHTINGS"]
+
+BRANCHES = ("spatial", "channel")
+WEIGHTINGS = ("none", "attention")
+
+
+class ScaleAwareMaskedFeatureLoss(nn.Module):
+    """Scale-aware adaptive masked feature reconstruction for one FPN level (method.md section 3).
+
+    For each scale s the teacher map T and the aligned student map X = align(S) are max-pooled
+    over s x s windows; the teacher's attention at that scale picks the positions (spatial
+    branch) and channels (channel branch) to hide in X; one generator per branch rebuilds the
+    teacher from the masked student; the branches are fused with learnable weights
+    ``softmax(theta_s)``; the loss is the squared error summed over C, H, W, divided by N::
+
+        loss = alpha * sum_s scale_weight_s * sum((w0 G_sp(X_s M_sp) + w1 G_ch(X_s M_ch) - T_s)^2) / N
+
+    Args:
+        student_channels: Cs of the student map.
+        teacher_channels: Ct of the teacher map (the generators' width).
+        scales: pooling windows; ``(1,)`` is the single-scale variant. Scales larger than
+            ``min(H, W)`` of a level are skipped for that level. (Our reading: ``(1, 2, 4)``.)
+        mask_mode: ``"topk"`` hides the most salient entries; ``"topk_nonsalient"`` the least;
+            ``"sample"`` draws entries with probability proportional to the attention (without
+            replacement, exactly the ratio's count); ``"random"`` a uniform subset (MGD-like).
+        ratio_sp: fraction of positions hidden by the spatial branch, in [0, 1).
+        ratio_ch: fraction of channels hidden by the channel branch, in [0, 1).
+        tau: attention temperature.
+        branches: ``("spatial", "channel")`` or one of them alone (then no fusion weights).
+        weighting: ``"none"`` or ``"attention"`` (error weighted by ``A_sp * A_ch`` of T_s).
+        scale_weights: one non-negative weight per scale; default 1 for every scale.
+        alpha: overall weight (MGD's convention: 2e-5 one-stage, 5e-7 two-stage).
+        share_generators: one generator per branch shared by all scales (default) or one per
+            branch and scale.
+        resize_student: resize the student bilinearly to the teacher's size when the spatial
+            sizes differ; otherwise that is an error.
+        seed: seed of the masks' random draws (``"sample"``/``"random"``); ``None`` uses the
+            global generator.
+        backend: ``"auto"`` or ``"torch"``.
+
+    Shapes: student (N, Cs, H, W), teacher (N, Ct, H, W) (detached here). Returns a float32
+    scalar. After a call, :attr:`last_scale_terms` maps each scale used to its contribution.
+
+    Masks and attention carry no gradient; gradients reach the student, the align conv, the
+    generators and the fusion weights. A NaN/Inf in the teacher propagates into the loss
+    (it is never masked out), so a broken teacher gives a non-finite loss, not a silent one.
+    """
+
+    def __init__(
+        self,
+        student_channels: int,
+        teacher_channels: int,
+        *,
+        scales: Sequence[int] = (1, 2, 4),
+        mask_mode: str = "topk",
+        ratio_sp: float = 0.65,
+        ratio_ch: float = 0.5,
+        tau: float = 0.5,
+        branches: Sequence[str] | str = ("spatial", "channel"),
+        weighting: str = "none",
+        scale_weights: Sequence[float] | None = None,
+        alpha: float = 2e-5,
+        share_generators: bool = True,
+        resize_student: bool = False,
+        seed: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.student_channels = check_channels("student_channels", student_channels)
+        self.teacher_channels = check_channels("teacher_channels", teacher_channels)
+        self.scales = check_scales("scales", scales)
+        check_choice("mask_mode", mask_mode, MASK_MODES)
+        self.mask_mode = mask_mode
+        self.ratio_sp = check_ratio("ratio_sp", ratio_sp)
+        self.ratio_ch = check_ratio("ratio_ch", ratio_ch)
+        self.tau = check_positive("tau", tau)
+        if isinstance(branches, str):
+            branches = (branches,)
+        branches = tuple(branches)
+        if not branches:
+            raise ValueError(f"branches must name at least one of {BRANCHES!r}, got ()")
+        for b in branches:
+            check_choice("branches", b, BRANCHES)
+        if len(set(branches)) != len(branches):
+            raise ValueError(f"branches must not repeat a branch, got {branches!r}")
+        self.branches = branches
+        check_choice("weighting", weighting, WEIGHTINGS)
+        self.weighting = weighting
+        if scale_weights is None:
+            scale_weights = [1.0] * len(self.scales)
+        if len(scale_weights) != len(self.scales):
+            raise ValueError(
+                f"scale_weights must give one weight per scale ({len(self.scales)} for scales "
+                f"{self.scales}), got {len(scale_weights)}: {tuple(scale_weights)!r}"
+            )
+        self.scale_weights = tuple(check_non_negative(f"scale_weights[{i}]", w) for i, w in enumerate(scale_weights))
+        self.alpha = check_non_negative("alpha", alpha)
+        self.share_generators = bool(share_generators)
+        self.resize_student = bool(resize_student)
+        self.backend = check_backend(backend)
+        self._random = RandomSource(seed)
+
+        self.align = make_align(self.student_channels, self.teacher_channels)
+        per_branch = 1 if self.share_generators else len(self.scales)
+        self.generators = nn.ModuleDict(
+            {b: nn.ModuleList(FeatureGenerator(self.teacher_channels) for _ in range(per_branch)) for b in branches}
+        )
+        if len(branches) > 1:
+            # theta: one row of branch logits per scale; softmax(0) = equal weights at start.
+            self.fusion_logits = nn.Parameter(torch.zeros(len(self.scales), len(branches)))
+        else:
+            self.register_parameter("fusion_logits", None)
+        self.last_scale_terms: dict[int, Tensor] = {}
+
+    @property
+    def seed(self) -> int | None:
+        return self._random.seed
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.student_channels}, {self.teacher_channels}, scales={self.scales}, mask_mode={self.mask_mode!r}, "
+            f"ratio_sp={self.ratio_sp}, ratio_ch={self.ratio_ch}, tau={self.tau}, branches={self.branches}, "
+            f"weighting={self.weighting!r}, alpha={self.alpha}"
+        )
+
+    def _generator(self, branch: str, scale_index: int) -> nn.Module:
+        gens = self.generators[branch]
+        return gens[0] if self.share_generators else gens[scale_index]
+
+    def aligned_student(self, s_feat: Tensor, t_feat: Tensor, level: int | None = None) -> Tensor:
+        """Validate one level and return ``align(S)`` at the teacher's size: (N, Ct, H, W)."""
+        where = at_level(level)
+        check_pair("student feature", s_feat, "teacher feature", t_feat, level=level, same_channels=False, same_spatial=False)
+        if s_feat.shape[1] != self.student_channels:
+            raise ValueError(
+                f"student feature{where} has {s_feat.shape[1]} channels but this loss was built for "
+                f"student_channels={self.student_channels} (shape {tuple(s_feat.shape)})"
+            )
+        if t_feat.shape[1] != self.teacher_channels:
+            raise ValueError(
+                f"teacher feature{where} has {t_feat.shape[1]} channels but this loss was built for "
+                f"teacher_channels={self.teacher_channels} (shape {tuple(t_feat.shape)})"
+            )
+        s_feat = resize_to(s_feat, t_feat.shape[-2:], self.resize_student, "student feature", "teacher feature", level)
+        return self.align(to_module_dtype(s_feat, self.align))
+
+    def _mask(self, branch: str, t_s: Tensor, generator: torch.Generator | None) -> Tensor:
+        if branch == "spatial":
+            return spatial_mask(t_s, self.ratio_sp, self.mask_mode, self.tau, generator)
+        return channel_mask(t_s, self.ratio_ch, self.mask_mode, self.tau, generator)
+
+    def reconstruction_loss(self, x: Tensor, t_feat: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """The loss from an aligned student ``x`` and the teacher, both (N, Ct, H, W).
+
+        Returns the float32 scalar and each used scale's contribution.
+        """
+        t_feat = t_feat.detach()
+        h, w = t_feat.shape[-2:]
+        random = self.mask_mode in ("sample", "random")
+        generator = self._random.get(x.device) if random else None
+        total = x.new_zeros((), dtype=torch.float32)
+        terms: dict[int, Tensor] = {}
+        for i, s in enumerate(self.scales):
+            if s > min(h, w):
+                continue
+            t_s = max_pool(t_feat, s)
+            x_s = max_pool(x, s)
+            recons = []
+            for b in self.branches:
+                mask = self._mask(b, t_s, generator)
+                gen = self._generator(b, i)
+                recons.append(gen(to_module_dtype(x_s, gen) * mask.to(x_s.dtype)))
+            theta = None if self.fusion_logits is None else self.fusion_logits[i]
+            recon = fuse_reconstructions(recons, theta)
+            weight = None
+            if self.weighting == "attention":
+                a_sp, a_ch = teacher_attention(t_s, self.tau)
+                weight = a_sp * a_ch
+            term = (self.alpha * self.scale_weights[i]) * reconstruction_error(recon, t_s, weight)
+            terms[s] = term
+            total = total + term
+        if not terms:
+            # Every scale is larger than this map: no term, but stay attached to the graph.
+            total = total + 0.0 * x.float().sum()
+        return total, terms
+
+    def forward(self, s_feat: Tensor, t_feat: Tensor) -> Tensor:
+        """student (N, Cs, H, W), teacher (N, Ct, H, W) -> float32 scalar."""
+        x = self.aligned_student(s_feat, t_feat)
+        loss, self.last_scale_terms = self.reconstruction_loss(x, t_feat)
+        return loss

@@ -1,0 +1,220 @@
+"""The logits part of FAMKD: KL distillation weighted where teacher and student disagree."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import Tensor, nn
+
+from .._backend import check_backend
+from .._validation import (
+    as_levels,
+    at_level,
+    check_channels,
+    check_choice,
+    check_non_negative,
+    check_pair,
+    check_positive,
+    check_ratio,
+    check_same_device,
+    check_scales,
+    check_tensor,
+)
+from ..functional import (
+    HEADS,
+    WEIGHT_MODES,
+    feature_guidance,
+    guidance_weights,
+    position_prob_diff,
+    region_aware_guidance,
+    weighted_kl_sum,
+)
+
+__all__ = ["MaskedLogitsLoss", "GUIDANCES"]
+
+GUIDANCES = ("logit", "feature")
+
+
+class MaskedLogitsLoss(nn.Module):
+    """Masked logits distillation (method.md section 4).
+
+    Per level, a guidance map D says where teacher and student disagree; a detached weight
+    map W made from it says where, and how strongly, the temperature KL is distilled::
+
+        loss = beta * t^2 * sum_l sum_{n,p} W_l(n,p) KL_l(n,p) / (N * sum_l P_l)
+
+    with ``KL`` summed over anchors and classes at each position p.
+
+    Args:
+        head: ``"sigmoid"`` (per-class binary KL, dense detectors) or ``"softmax"`` (Hinton
+            KL over the K classes, e.g. an RoI classifier's (P, K+1) logits).
+        temperature: KD temperature t (> 0).
+        guidance: ``"logit"``: ``D = mean_{a,k} |p - q|`` (default, the paper's original
+            version); ``"feature"``: ``D = mean_c (T - S)^2`` of features passed to ``forward``
+            (the revision; both must have the same channels: FAMKDLoss passes its aligned
+            student).
+        region_scales: if given, the region-aware guidance ``mean_s upsample(maxpool(D, s))``
+            over these scales (needs a spatial layout: dense logits, or feature guidance).
+        weights: ``"soft"``: ``W = P * softmax_p(D / tau_w)`` (mean 1); ``"mask"``: 1 on the
+            top ``ratio_l`` positions by D, 0 elsewhere.
+        tau_w: temperature of the soft weights (our reading: 0.1, since ``|p - q|`` is in [0, 1]).
+        ratio_l: fraction of positions kept by the mask weights, in [0, 1).
+        beta: overall weight.
+        num_classes: K, to split dense channels ``A*K`` into anchors and classes (needed by the
+            softmax head when A > 1); ``None`` means one anchor.
+        backend: ``"auto"`` or ``"torch"``.
+
+    Inputs: one level or a sequence of levels, each dense ``(N, A*K, H, W)`` or flattened
+    ``(N, P, K)``; student and teacher of the same shape. With feature guidance, features
+    ``(N, C, H_f, W_f)`` per level: ``(H_f, W_f)`` equal to the dense logits' ``(H, W)``, or
+    ``P`` a multiple ``A`` of ``H_f * W_f`` for flattened logits ordered (h, w, a) as
+    torchvision and mmdetection flatten them.
+
+    The teacher is detached. A NaN/Inf in the teacher propagates into the loss.
+    """
+
+    def __init__(
+        self,
+        *,
+        head: str = "sigmoid",
+        temperature: float = 1.0,
+        guidance: str = "logit",
+        region_scales: Sequence[int] | None = None,
+        weights: str = "soft",
+        tau_w: float = 0.1,
+        ratio_l: float = 0.5,
+        beta: float = 1.0,
+        num_classes: int | None = None,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        check_choice("head", head, HEADS)
+        check_choice("guidance", guidance, GUIDANCES)
+        check_choice("weights", weights, WEIGHT_MODES)
+        self.head = head
+        self.temperature = check_positive("temperature", temperature)
+        self.guidance = guidance
+        self.region_scales = None if region_scales is None else check_scales("region_scales", region_scales)
+        self.weights = weights
+        self.tau_w = check_positive("tau_w", tau_w)
+        self.ratio_l = check_ratio("ratio_l", ratio_l)
+        self.beta = check_non_negative("beta", beta)
+        self.num_classes = None if num_classes is None else check_channels("num_classes", num_classes)
+        self.backend = check_backend(backend)
+        self.last_level_terms: list[Tensor] = []
+
+    def extra_repr(self) -> str:
+        return (
+            f"head={self.head!r}, temperature={self.temperature}, guidance={self.guidance!r}, "
+            f"region_scales={self.region_scales}, weights={self.weights!r}, tau_w={self.tau_w}, "
+            f"ratio_l={self.ratio_l}, beta={self.beta}"
+        )
+
+    def _check_logits(self, s: Tensor, t: Tensor, level: int | None) -> None:
+        where = at_level(level)
+        check_tensor("student logits", s, (3, 4), level)
+        check_tensor("teacher logits", t, (3, 4), level)
+        check_same_device([("student logits", s), ("teacher logits", t)], level)
+        if s.shape != t.shape:
+            raise ValueError(
+                f"logits shapes differ{where}: student {tuple(s.shape)}, teacher {tuple(t.shape)}"
+            )
+        if s.dim() == 4 and self.num_classes is not None and s.shape[1] % self.num_classes != 0:
+            raise ValueError(
+                f"dense logits{where} have {s.shape[1]} channels, not a multiple of num_classes={self.num_classes}"
+            )
+        if s.dim() == 3 and self.num_classes is not None and s.shape[2] != self.num_classes:
+            raise ValueError(
+                f"flattened logits{where} have {s.shape[2]} classes but num_classes={self.num_classes}"
+            )
+
+    def _guide(self, s: Tensor, t: Tensor, s_feat: Tensor | None, t_feat: Tensor | None, level: int | None) -> Tensor:
+        """Guidance D of one level, (N, P) float32, detached."""
+        where = at_level(level)
+        n = s.shape[0]
+        if self.guidance == "logit":
+            d = position_prob_diff(
+                s.detach(), t, head=self.head, temperature=self.temperature, num_classes=self.num_classes
+            )
+            if self.region_scales is not None:
+                if s.dim() != 4:
+                    raise ValueError(
+                        f"region_scales needs a spatial layout{where}: dense (N, A*K, H, W) logits or "
+                        f"guidance='feature'; got flattened logits {tuple(s.shape)}"
+                    )
+                h, w = s.shape[-2:]
+                d = region_aware_guidance(d.reshape(n, h, w), self.region_scales).reshape(n, h * w)
+            return d
+        assert s_feat is not None and t_feat is not None
+        check_pair("student feature", s_feat, "teacher feature", t_feat, level=level)
+        if s_feat.shape[1] != t_feat.shape[1]:
+            raise ValueError(
+                f"guidance='feature' needs features of equal channels{where}: student has {s_feat.shape[1]}, "
+                f"teacher {t_feat.shape[1]}; align the student first (FAMKDLoss does)"
+            )
+        if s_feat.shape[0] != n:
+            raise ValueError(f"features{where} have batch {s_feat.shape[0]} but logits have batch {n}")
+        check_same_device([("student logits", s), ("student feature", s_feat)], level)
+        hf, wf = s_feat.shape[-2:]
+        d = feature_guidance(s_feat.detach(), t_feat.detach())
+        if self.region_scales is not None:
+            d = region_aware_guidance(d, self.region_scales)
+        d = d.reshape(n, hf * wf)
+        if s.dim() == 4:
+            if tuple(s.shape[-2:]) != (hf, wf):
+                raise ValueError(
+                    f"features{where} are {(hf, wf)} but the dense logits are {tuple(s.shape[-2:])}; "
+                    "feature guidance needs the same grid"
+                )
+            return d
+        p = s.shape[1]
+        if p % (hf * wf) != 0:
+            raise ValueError(
+                f"flattened logits{where} have {p} positions, not a multiple of the features' "
+                f"{hf}x{wf} = {hf * wf} positions"
+            )
+        return d.repeat_interleave(p // (hf * wf), dim=1)
+
+    def forward(
+        self,
+        s_logits: Tensor | Sequence[Tensor],
+        t_logits: Tensor | Sequence[Tensor],
+        s_feats: Tensor | Sequence[Tensor] | None = None,
+        t_feats: Tensor | Sequence[Tensor] | None = None,
+    ) -> Tensor:
+        """Logits of one level or a sequence of levels -> float32 scalar."""
+        s_list, t_list, single = as_levels("s_logits", s_logits, "t_logits", t_logits)
+        sf_list: list[Tensor | None] = [None] * len(s_list)
+        tf_list: list[Tensor | None] = [None] * len(s_list)
+        if self.guidance == "feature":
+            if s_feats is None or t_feats is None:
+                raise ValueError("guidance='feature' needs s_feats and t_feats in forward()")
+            sf, tf, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
+            if len(sf) != len(s_list):
+                raise ValueError(
+                    f"guidance='feature' needs one feature level per logits level: got {len(sf)} feature "
+                    f"levels and {len(s_list)} logits levels"
+                )
+            sf_list, tf_list = list(sf), list(tf)
+        total = None
+        positions = 0
+        n0 = None
+        terms = []
+        for i, (s, t) in enumerate(zip(s_list, t_list)):
+            level = None if single else i
+            self._check_logits(s, t, level)
+            if n0 is None:
+                n0 = s.shape[0]
+            elif s.shape[0] != n0:
+                raise ValueError(f"batch size{at_level(level)} is {s.shape[0]} but level 0 has {n0}")
+            t = t.detach()
+            d = self._guide(s, t, sf_list[i], tf_list[i], level)
+            w = guidance_weights(d, self.weights, tau_w=self.tau_w, ratio=self.ratio_l)
+            term = weighted_kl_sum(s, t, w, head=self.head, temperature=self.temperature, num_classes=self.num_classes)
+            terms.append(term)
+            total = term if total is None else total + term
+            positions += d.shape[1]
+        assert total is not None and n0 is not None
+        scale = self.beta * self.temperature**2 / (n0 * positions)
+        self.last_level_terms = [(scale * term).detach() for term in terms]
+        return scale * total
