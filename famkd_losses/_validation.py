@@ -142,9 +142,7 @@ def check_pair(
             f"{t_name} has {t.shape[0]} (shape {tuple(t.shape)})"
         )
     if same_channels and s.shape[1] != t.shape[1]:
-        raise ValueError(
-            f"channels differ{where}: {s_name} has {s.shape[1]}, {t_name} has {t.shape[1]}"
-        )
+        raise ValueError(f"channels differ{where}: {s_name} has {s.shape[1]}, {t_name} has {t.shape[1]}")
     if same_spatial and s.shape[-2:] != t.shape[-2:]:
         raise ValueError(
             f"spatial sizes differ{where}: {s_name} is {tuple(s.shape[-2:])}, {t_name} is "

@@ -32,7 +32,7 @@ MASK_MODES = ("topk", "topk_nonsalient", "sample", "random")
 
 def num_masked(count: int, ratio: float) -> int:
     """How many of ``count`` entries a ratio hides: ``floor(ratio * count + 0.5)`` (round half up)."""
-    return min(count, int(math.floor(ratio * count + 0.5)))
+    return min(count, math.floor(ratio * count + 0.5))
 
 
 def _uniform(shape: Sequence[int], generator: torch.Generator | None, device: torch.device) -> Tensor:

@@ -130,7 +130,8 @@ class FAMKDLoss(nn.Module):
         if (s_logits is None) != (t_logits is None):
             raise ValueError(
                 "pass both s_logits and t_logits, or neither (feature-only distillation); got "
-                f"s_logits={'None' if s_logits is None else 'given'}, t_logits={'None' if t_logits is None else 'given'}"
+                f"s_logits={'None' if s_logits is None else 'a value'}, "
+                f"t_logits={'None' if t_logits is None else 'a value'}"
             )
         terms: dict[str, Tensor] = {}
         aligned = []

@@ -161,7 +161,9 @@ class ScaleAwareMaskedFeatureLoss(nn.Module):
     def aligned_student(self, s_feat: Tensor, t_feat: Tensor, level: int | None = None) -> Tensor:
         """Validate one level and return ``align(S)`` at the teacher's size: (N, Ct, H, W)."""
         where = at_level(level)
-        check_pair("student feature", s_feat, "teacher feature", t_feat, level=level, same_channels=False, same_spatial=False)
+        check_pair(
+            "student feature", s_feat, "teacher feature", t_feat, level=level, same_channels=False, same_spatial=False
+        )
         if s_feat.shape[1] != self.student_channels:
             raise ValueError(
                 f"student feature{where} has {s_feat.shape[1]} channels but this loss was built for "

@@ -97,8 +97,17 @@ class FGDLoss(nn.Module):
                     f"{len(s_ch)} and {len(t_ch)}"
                 )
             self.levels = nn.ModuleList(
-                FGDLoss(cs, ct, tau=tau, alpha=alpha, beta=beta, gamma=gamma, lam=lam,
-                        resize_student=resize_student, backend=backend)
+                FGDLoss(
+                    cs,
+                    ct,
+                    tau=tau,
+                    alpha=alpha,
+                    beta=beta,
+                    gamma=gamma,
+                    lam=lam,
+                    resize_student=resize_student,
+                    backend=backend,
+                )
                 for cs, ct in zip(s_ch, t_ch)
             )
             return
@@ -157,7 +166,9 @@ class FGDLoss(nn.Module):
         ):
             raise ValueError(f"image_size must be (H, W) of the input, two positive numbers, got {image_size!r}")
 
-    def _level(self, s: Tensor, t: Tensor, boxes: Sequence[Tensor], image_size: Sequence[int], level: int | None) -> Tensor:
+    def _level(
+        self, s: Tensor, t: Tensor, boxes: Sequence[Tensor], image_size: Sequence[int], level: int | None
+    ) -> Tensor:
         where = at_level(level)
         check_pair("student feature", s, "teacher feature", t, level=level, same_channels=False, same_spatial=False)
         if s.shape[1] != self.student_channels or t.shape[1] != self.teacher_channels:
@@ -180,10 +191,13 @@ class FGDLoss(nn.Module):
         at_loss = ((a_ch_s - a_ch_t).abs().sum() + (a_sp_s - a_sp_t).abs().sum()) / n
         s_ctx = to_module_dtype(s, self.conv_mask_s)
         t_ctx = to_module_dtype(t, self.conv_mask_t)
-        global_loss = squared_error_sum(
-            self._global_context(s_ctx, self.conv_mask_s, self.channel_add_conv_s),
-            self._global_context(t_ctx, self.conv_mask_t, self.channel_add_conv_t),
-        ) / n
+        global_loss = (
+            squared_error_sum(
+                self._global_context(s_ctx, self.conv_mask_s, self.channel_add_conv_s),
+                self._global_context(t_ctx, self.conv_mask_t, self.channel_add_conv_t),
+            )
+            / n
+        )
         return self.alpha * fg_loss + self.beta * bg_loss + self.gamma * at_loss + self.lam * global_loss
 
     def forward(

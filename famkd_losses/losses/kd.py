@@ -33,7 +33,13 @@ class KDLoss(nn.Module):
     """
 
     def __init__(
-        self, *, tau: float = 1.0, mode: str = "softmax", loss_weight: float = 1.0, class_dim: int = -1, backend: str = "auto"
+        self,
+        *,
+        tau: float = 1.0,
+        mode: str = "softmax",
+        loss_weight: float = 1.0,
+        class_dim: int = -1,
+        backend: str = "auto",
     ) -> None:
         super().__init__()
         self.tau = check_positive("tau", tau)
@@ -55,7 +61,9 @@ class KDLoss(nn.Module):
             check_tensor("teacher logits", t, (1, 2, 3, 4, 5), level)
             check_same_device([("student logits", s), ("teacher logits", t)], level)
             if s.shape != t.shape:
-                raise ValueError(f"logits shapes differ{at_level(level)}: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+                raise ValueError(
+                    f"logits shapes differ{at_level(level)}: student {tuple(s.shape)}, teacher {tuple(t.shape)}"
+                )
             if not -s.dim() <= self.class_dim < s.dim():
                 raise ValueError(f"class_dim={self.class_dim} is out of range for logits of shape {tuple(s.shape)}")
             t = t.detach()

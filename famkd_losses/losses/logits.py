@@ -116,17 +116,13 @@ class MaskedLogitsLoss(nn.Module):
         check_tensor("teacher logits", t, (3, 4), level)
         check_same_device([("student logits", s), ("teacher logits", t)], level)
         if s.shape != t.shape:
-            raise ValueError(
-                f"logits shapes differ{where}: student {tuple(s.shape)}, teacher {tuple(t.shape)}"
-            )
+            raise ValueError(f"logits shapes differ{where}: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
         if s.dim() == 4 and self.num_classes is not None and s.shape[1] % self.num_classes != 0:
             raise ValueError(
                 f"dense logits{where} have {s.shape[1]} channels, not a multiple of num_classes={self.num_classes}"
             )
         if s.dim() == 3 and self.num_classes is not None and s.shape[2] != self.num_classes:
-            raise ValueError(
-                f"flattened logits{where} have {s.shape[2]} classes but num_classes={self.num_classes}"
-            )
+            raise ValueError(f"flattened logits{where} have {s.shape[2]} classes but num_classes={self.num_classes}")
 
     def _guide(self, s: Tensor, t: Tensor, s_feat: Tensor | None, t_feat: Tensor | None, level: int | None) -> Tensor:
         """Guidance D of one level, (N, P) float32, detached."""
