@@ -3,6 +3,10 @@
 This layer is the ground truth for every fused kernel and the path used on CPU. Autograd
 does the backward. Shapes: features (N, C, H, W); dense logits (N, A*K, H, W) or flattened
 (N, P, K); guidance and weight maps (N, P) or (N, H, W).
+
+Dtypes: float16/bfloat16 inputs are computed and reduced in float32; float32 stays float32
+and float64 stays float64 (so ``torch.autograd.gradcheck`` runs on every function). Where a
+docstring says float32, read "float32, or float64 for float64 inputs".
 """
 
 from .attention import (

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ._dtypes import acc
+
 __all__ = [
     "spatial_saliency",
     "channel_saliency",
@@ -19,12 +21,12 @@ __all__ = [
 
 def spatial_saliency(feat: Tensor) -> Tensor:
     """``mean_c |feat|``: (N, C, H, W) -> (N, 1, H, W), float32."""
-    return feat.float().abs().mean(dim=1, keepdim=True)
+    return acc(feat).abs().mean(dim=1, keepdim=True)
 
 
 def channel_saliency(feat: Tensor) -> Tensor:
     """``mean_{h,w} |feat|``: (N, C, H, W) -> (N, C, 1, 1), float32."""
-    return feat.float().abs().mean(dim=(2, 3), keepdim=True)
+    return acc(feat).abs().mean(dim=(2, 3), keepdim=True)
 
 
 def spatial_attention(feat: Tensor, tau: float) -> Tensor:

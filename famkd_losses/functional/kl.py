@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._dtypes import acc
+
 __all__ = ["binary_kl", "softmax_kl"]
 
 
@@ -17,8 +19,8 @@ def binary_kl(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0) -> T
     ``p log(p/q) + (1-p) log((1-p)/(1-q))`` and is exactly 0 where the logits are equal.
     Not multiplied by ``T^2``.
     """
-    a = t_logits.float() / temperature
-    b = s_logits.float() / temperature
+    a = acc(t_logits) / temperature
+    b = acc(s_logits) / temperature
     p = torch.sigmoid(a)
     return p * (a - b) + F.softplus(b) - F.softplus(a)
 
@@ -28,6 +30,6 @@ def softmax_kl(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0, dim
 
     Not multiplied by ``T^2``.
     """
-    log_p = torch.log_softmax(t_logits.float() / temperature, dim=dim)
-    log_q = torch.log_softmax(s_logits.float() / temperature, dim=dim)
+    log_p = torch.log_softmax(acc(t_logits) / temperature, dim=dim)
+    log_q = torch.log_softmax(acc(s_logits) / temperature, dim=dim)
     return (log_p.exp() * (log_p - log_q)).sum(dim=dim)

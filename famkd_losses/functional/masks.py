@@ -13,6 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from ._dtypes import acc
 from .attention import channel_saliency, spatial_saliency
 
 __all__ = [
@@ -75,7 +76,7 @@ def selection_keys(
         return scores, False
     if mode == "sample":
         u = _uniform(scores.shape, generator, scores.device).clamp_(min=torch.finfo(torch.float32).tiny)
-        return scores.float() / tau - torch.log(-torch.log(u)), True
+        return acc(scores) / tau - torch.log(-torch.log(u)), True
     if mode == "random":
         return _uniform(scores.shape, generator, scores.device), True
     raise ValueError(f"mask_mode must be one of {MASK_MODES!r}, got {mode!r}")

@@ -27,6 +27,7 @@ from ..functional import (
     spatial_mask,
     teacher_attention,
 )
+from ..functional._dtypes import acc_dtype
 from ._common import FeatureGenerator, RandomSource, make_align, resize_to, to_module_dtype
 
 __all__ = ["ScaleAwareMaskedFeatureLoss", "BRANCHES", "WEIGHTINGS"]
@@ -191,7 +192,7 @@ class ScaleAwareMaskedFeatureLoss(nn.Module):
         h, w = t_feat.shape[-2:]
         random = self.mask_mode in ("sample", "random")
         generator = self._random.get(x.device) if random else None
-        total = x.new_zeros((), dtype=torch.float32)
+        total = x.new_zeros((), dtype=acc_dtype(x.dtype))
         terms: dict[int, Tensor] = {}
         for i, s in enumerate(self.scales):
             if s > min(h, w):
