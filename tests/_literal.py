@@ -25,7 +25,7 @@ def feature_level_literal(mod, s_feat: torch.Tensor, t_feat: torch.Tensor) -> to
     h, w = t.shape[-2:]
     largest = mod.mask_mode == "topk"
     assert mod.mask_mode in ("topk", "topk_nonsalient")
-    loss = 0.0
+    loss = torch.zeros((), dtype=x.dtype)
     for i, s in enumerate(mod.scales):
         if min(h, w) < s:
             continue
