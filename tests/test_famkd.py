@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _literal import feature_level_literal, logits_literal
 from torch.autograd import gradcheck
 
 from famkd_losses import FAMKDLoss, MaskedLogitsLoss, ScaleAwareMaskedFeatureLoss
 from famkd_losses.functional import num_masked
-
-from _literal import feature_level_literal, logits_literal
 
 D64 = torch.float64
 
@@ -315,8 +314,17 @@ def test_famkd_feature_guidance_uses_aligned_student():
 
 def test_famkd_passes_options_through():
     kd = FAMKDLoss(
-        [4, 4], [8, 8], scales=(1, 2), mask_mode="sample", ratio_sp=0.3, tau=0.7, head="softmax", num_classes=3,
-        beta=2.0, tau_w=0.5, seed=11,
+        [4, 4],
+        [8, 8],
+        scales=(1, 2),
+        mask_mode="sample",
+        ratio_sp=0.3,
+        tau=0.7,
+        head="softmax",
+        num_classes=3,
+        beta=2.0,
+        tau_w=0.5,
+        seed=11,
     )
     f0, f1 = kd.feature_losses
     assert f0.scales == (1, 2) and f0.mask_mode == "sample" and f0.ratio_sp == 0.3 and f0.tau == 0.7

@@ -191,7 +191,9 @@ def test_reconstruction_gradcheck():
     theta = _rand64(2, grad=True, seed=2)
     t = _rand64(2, 3, 4, 5, seed=3)
     w = _rand64(2, 1, 4, 5, seed=4).abs()
-    assert gradcheck(lambda a, b, th: FK.reconstruction_error(FK.fuse_reconstructions([a, b], th), t, w), (r1, r2, theta))
+    assert gradcheck(
+        lambda a, b, th: FK.reconstruction_error(FK.fuse_reconstructions([a, b], th), t, w), (r1, r2, theta)
+    )
 
 
 # ---------------------------------------------------------------- KL
