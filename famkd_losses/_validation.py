@@ -25,6 +25,10 @@ __all__ = [
     "check_same_device",
     "check_pair",
     "as_levels",
+    "check_levels_device",
+    "check_module_device",
+    "check_seed",
+    "check_weight_list",
 ]
 
 
@@ -145,8 +149,7 @@ def check_pair(
         raise ValueError(f"channels differ{where}: {s_name} has {s.shape[1]}, {t_name} has {t.shape[1]}")
     if same_spatial and s.shape[-2:] != t.shape[-2:]:
         raise ValueError(
-            f"spatial sizes differ{where}: {s_name} is {tuple(s.shape[-2:])}, {t_name} is "
-            f"{tuple(t.shape[-2:])}; pass resize_student=True to resize the student bilinearly"
+            f"spatial sizes differ{where}: {s_name} is {tuple(s.shape[-2:])}, {t_name} is {tuple(t.shape[-2:])}"
         )
     return s, t
 
@@ -170,4 +173,45 @@ def as_levels(s_name: str, s: Any, t_name: str, t: Any) -> tuple[list[Tensor], l
         raise ValueError(f"number of levels differs: {s_name} has {len(s)}, {t_name} has {len(t)}")
     if len(s) == 0:
         raise ValueError(f"{s_name} and {t_name} must hold at least one level")
+    check_levels_device(s_name, s, t_name, t)
     return list(s), list(t), False
+
+
+def check_levels_device(s_name: str, s: Sequence[Any], t_name: str, t: Sequence[Any]) -> None:
+    """Every tensor of both level sequences on the device of the student's level 0."""
+    if not (len(s) and isinstance(s[0], Tensor)):
+        return
+    ref = s[0].device
+    for name, seq in ((s_name, s), (t_name, t)):
+        for i, x in enumerate(seq):
+            if isinstance(x, Tensor) and x.device != ref:
+                raise ValueError(
+                    f"{name} at level {i} is on {x.device} but {s_name} at level 0 is on {ref}; "
+                    "put every input on one device"
+                )
+
+
+def check_module_device(x: Tensor, name: str, module: Any, level: int | None = None) -> None:
+    """An input on the device of the module's parameters (call ``loss.to(device)`` otherwise)."""
+    for p in module.parameters():
+        if p.device != x.device:
+            raise ValueError(
+                f"{name}{at_level(level)} is on {x.device} but the loss's parameters are on {p.device}; "
+                f"move the loss with .to({str(x.device)!r})"
+            )
+        return
+
+
+def check_seed(name: str, value: Any) -> int | None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise TypeError(f"{name} must be an int or None, got {type(value).__name__} {value!r}")
+    return value
+
+
+def check_weight_list(name: str, value: Any, count: int, what: str) -> tuple[float, ...]:
+    """A sequence of ``count`` non-negative weights."""
+    if isinstance(value, (str, Tensor)) or not isinstance(value, Sequence):
+        raise TypeError(f"{name} must be a sequence of {count} non-negative numbers ({what}), got {value!r}")
+    if len(value) != count:
+        raise ValueError(f"{name} must give one weight per {what} ({count}), got {len(value)}: {tuple(value)!r}")
+    return tuple(check_non_negative(f"{name}[{i}]", w) for i, w in enumerate(value))

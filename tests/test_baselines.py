@@ -594,6 +594,20 @@ def test_fgd_gradients_reach_student_and_all_layers_not_teacher():
             assert p.grad.abs().max() > 0, name
 
 
+def test_fgd_resize_student_bilinear():
+    mod = randomize_(FGDLoss(4, 6, alpha=1.0, beta=1.0, gamma=1.0, lam=1.0, resize_student=True).double(), seed=8)
+    s = randn(2, 4, 5, 4, seed=1, requires_grad=True)
+    t = randn(2, 6, 9, 7, seed=2)
+    boxes = random_boxes(2, [2, 1], (72, 56), seed=3)
+    loss = mod(s, t, boxes, (72, 56))
+    s_up = F.interpolate(s, size=(9, 7), mode="bilinear", align_corners=False)
+    ref = fgd_literal(mod, s_up, t, boxes, (72, 56))
+    close(loss, ref)
+    compare_grads(loss, ref, [s])
+    with pytest.raises(ValueError):
+        FGDLoss(4, 6).double()(s, t, boxes, (72, 56))
+
+
 def test_fgd_multi_level_is_sum_of_single_levels():
     s_ch, t_ch, sizes = [4, 6], [8, 6], [(8, 10), (4, 5)]
     multi = randomize_(FGDLoss(s_ch, t_ch, alpha=1.0, beta=0.5, gamma=0.25, lam=0.1).double(), seed=4)
@@ -706,9 +720,7 @@ def test_kd_softmax_matches_hinton(tau, loss_weight):
     t = randn(5, 7, seed=2) * 3
     loss = KDLoss(tau=tau, loss_weight=loss_weight)(s, t)
     ref = (
-        loss_weight
-        * tau**2
-        * F.kl_div(F.log_softmax(s / tau, dim=1), F.softmax(t / tau, dim=1), reduction="batchmean")
+        loss_weight * tau**2 * F.kl_div(F.log_softmax(s / tau, dim=1), F.softmax(t / tau, dim=1), reduction="batchmean")
     )
     close(loss, ref)
     compare_grads(loss, ref, [s])

@@ -323,6 +323,12 @@ def test_box_masks_hand_computed():
     torch.testing.assert_close(bg[1], torch.full((1, 4, 4), 1 / 16))
 
 
+def test_box_masks_exact_cell_edges():
+    # x2 = 24 * 168 / 1344 = 3 exactly (float32's 24 / 1344 * 168 is 3.0000002, which ceils to 4)
+    fg, _ = FK.box_masks([torch.tensor([[0.0, 0.0, 24.0, 8.0]])], (1, 168), (8, 1344))
+    assert fg[0, 0, 0, :5].tolist() == [0.125] * 4 + [0.0]  # columns 0..3, rows 0..1 (unclipped): 1/8
+
+
 # ---------------------------------------------------------------- PKD / CWD pieces
 
 

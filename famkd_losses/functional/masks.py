@@ -132,11 +132,16 @@ def box_masks(
     map covers. The official code scales by each image's unpadded size instead; the size the
     map covers is what its cells mean, so that is used here.
 
-    A box maps to the grid as ``x / W_img * W`` (the official order of operations, in the
-    boxes' dtype), then ``floor`` x1/y1 and ``ceil`` x2/y2; it covers rows y1..y2 and columns
-    x1..x2 inclusive, clipped to the map, and weighs ``1 / ((y2-y1+1) (x2-x1+1))`` (unclipped
-    corners). Overlaps keep the larger weight. Background: ``[fg == 0] / count`` per image,
-    all zero when no cell is background.
+    A box maps to the grid as ``x * W / W_img``, then ``floor`` x1/y1 and ``ceil`` x2/y2; it
+    covers rows y1..y2 and columns x1..x2 inclusive, clipped to the map, and weighs
+    ``1 / ((y2-y1+1) (x2-x1+1))`` (unclipped corners). Overlaps keep the larger weight.
+    Background: ``[fg == 0] / count`` per image, all zero when no cell is background.
+
+    The mapping is computed in float64 (float32 on MPS), so a corner that lands exactly on a
+    cell edge stays there. The official code computes ``x / W_img * W`` in float32, which can
+    round such a corner up and ``ceil`` it one cell further (e.g. x = 24 on a 1344-pixel input
+    and a 168-cell map gives 3.0000002 -> 4 instead of 3; about 0.3% of integer corners at
+    COCO sizes).
 
     Returns (M_fg, M_bg), each float32 (N, 1, H, W).
     """
@@ -150,10 +155,11 @@ def box_masks(
         if b.shape[0] == 0:
             fgs.append(torch.zeros((h, w), dtype=torch.float32, device=dev))
             continue
-        x1 = torch.floor(b[:, 0] / img_w * w).long()
-        y1 = torch.floor(b[:, 1] / img_h * h).long()
-        x2 = torch.ceil(b[:, 2] / img_w * w).long()
-        y2 = torch.ceil(b[:, 3] / img_h * h).long()
+        b = b.to(torch.float32 if dev.type == "mps" else torch.float64)
+        x1 = torch.floor(b[:, 0] * w / img_w).long()
+        y1 = torch.floor(b[:, 1] * h / img_h).long()
+        x2 = torch.ceil(b[:, 2] * w / img_w).long()
+        y2 = torch.ceil(b[:, 3] * h / img_h).long()
         weight = 1.0 / ((y2 + 1 - y1) * (x2 + 1 - x1)).float()  # (n,)
         in_rows = (rows[None, :] >= y1[:, None]) & (rows[None, :] <= y2[:, None])  # (n, H)
         in_cols = (cols[None, :] >= x1[:, None]) & (cols[None, :] <= x2[:, None])  # (n, W)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import at_level
+from .._validation import at_level, check_seed
 
 __all__ = ["make_align", "FeatureGenerator", "to_module_dtype", "RandomSource", "resize_to"]
 
@@ -61,9 +61,7 @@ class RandomSource:
     """
 
     def __init__(self, seed: int | None) -> None:
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
-        self.seed = seed
+        self.seed = check_seed("seed", seed)
         self._generators: dict[torch.device, torch.Generator] = {}
 
     def get(self, device: torch.device) -> torch.Generator | None:

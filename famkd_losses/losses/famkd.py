@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._backend import check_backend
-from .._validation import as_levels, check_channel_list
+from .._validation import as_levels, check_channel_list, check_levels_device, check_seed
 from .feature import ScaleAwareMaskedFeatureLoss
 from .logits import MaskedLogitsLoss
 
@@ -75,6 +75,7 @@ class FAMKDLoss(nn.Module):
                 f"{len(s_ch)} ({s_ch}) and {len(t_ch)} ({t_ch})"
             )
         self.backend = check_backend(backend)
+        check_seed("seed", seed)
         self.feature_losses = nn.ModuleList(
             ScaleAwareMaskedFeatureLoss(
                 cs,
@@ -154,6 +155,9 @@ class FAMKDLoss(nn.Module):
         total = feature_total
         terms["feature"] = feature_total.detach()
         if s_logits is not None and t_logits is not None:
+            s_lg = [s_logits] if isinstance(s_logits, Tensor) else s_logits
+            t_lg = [t_logits] if isinstance(t_logits, Tensor) else t_logits
+            check_levels_device("s_feats", [s_list[0], *s_lg], "t_logits", t_lg)
             if self.logits_loss.guidance == "feature":
                 logits_value = self.logits_loss(s_logits, t_logits, [a.detach() for a in aligned], t_list)
             else:

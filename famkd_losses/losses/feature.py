@@ -12,11 +12,13 @@ from .._validation import (
     at_level,
     check_channels,
     check_choice,
+    check_module_device,
     check_non_negative,
     check_pair,
     check_positive,
     check_ratio,
     check_scales,
+    check_weight_list,
 )
 from ..functional import (
     MASK_MODES,
@@ -108,6 +110,8 @@ class ScaleAwareMaskedFeatureLoss(nn.Module):
         self.tau = check_positive("tau", tau)
         if isinstance(branches, str):
             branches = (branches,)
+        if not isinstance(branches, Sequence):
+            raise TypeError(f"branches must be a branch name or a sequence of {BRANCHES!r}, got {branches!r}")
         branches = tuple(branches)
         if not branches:
             raise ValueError(f"branches must name at least one of {BRANCHES!r}, got ()")
@@ -120,12 +124,9 @@ class ScaleAwareMaskedFeatureLoss(nn.Module):
         self.weighting = weighting
         if scale_weights is None:
             scale_weights = [1.0] * len(self.scales)
-        if len(scale_weights) != len(self.scales):
-            raise ValueError(
-                f"scale_weights must give one weight per scale ({len(self.scales)} for scales "
-                f"{self.scales}), got {len(scale_weights)}: {tuple(scale_weights)!r}"
-            )
-        self.scale_weights = tuple(check_non_negative(f"scale_weights[{i}]", w) for i, w in enumerate(scale_weights))
+        self.scale_weights = check_weight_list(
+            "scale_weights", scale_weights, len(self.scales), f"scale of {self.scales}"
+        )
         self.alpha = check_non_negative("alpha", alpha)
         self.share_generators = bool(share_generators)
         self.resize_student = bool(resize_student)
@@ -175,6 +176,7 @@ class ScaleAwareMaskedFeatureLoss(nn.Module):
                 f"teacher feature{where} has {t_feat.shape[1]} channels but this loss was built for "
                 f"teacher_channels={self.teacher_channels} (shape {tuple(t_feat.shape)})"
             )
+        check_module_device(s_feat, "student feature", self, level)
         s_feat = resize_to(s_feat, t_feat.shape[-2:], self.resize_student, "student feature", "teacher feature", level)
         return self.align(to_module_dtype(s_feat, self.align))
 
@@ -213,9 +215,12 @@ class ScaleAwareMaskedFeatureLoss(nn.Module):
             term = (self.alpha * self.scale_weights[i]) * reconstruction_error(recon, t_s, weight)
             terms[s] = term
             total = total + term
-        if not terms:
-            # Every scale is larger than this map: no term, but stay attached to the graph.
-            total = total + 0.0 * x.float().sum()
+        if 1 not in terms:
+            # The teacher was only seen through max-pooling (which drops a -inf) or not at all
+            # (every scale larger than the map): keep NaN/Inf in it visible in the loss, and
+            # stay attached to the student's graph.
+            acc = acc_dtype(x.dtype)
+            total = total + 0.0 * (t_feat.sum(dtype=acc) + x.sum(dtype=acc))
         return total, terms
 
     def forward(self, s_feat: Tensor, t_feat: Tensor) -> Tensor:

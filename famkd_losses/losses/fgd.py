@@ -13,6 +13,7 @@ from .._validation import (
     at_level,
     check_channel_list,
     check_channels,
+    check_module_device,
     check_non_negative,
     check_pair,
     check_positive,
@@ -179,12 +180,13 @@ class FGDLoss(nn.Module):
         t = t.detach()
         n, _, h, w = t.shape
         self._check_boxes(boxes, image_size, n, t.device)
+        check_module_device(s, "student feature", self, level)
         s = resize_to(s, t.shape[-2:], self.resize_student, "student feature", "teacher feature", level)
         s = self.align(to_module_dtype(s, self.align))
 
         a_sp_t, a_ch_t = spatial_attention(t, self.tau), channel_attention(t, self.tau)
         a_sp_s, a_ch_s = spatial_attention(s, self.tau), channel_attention(s, self.tau)
-        fg, bg = box_masks([b.float() for b in boxes], (h, w), tuple(image_size))
+        fg, bg = box_masks(boxes, (h, w), tuple(image_size))
         attn = a_sp_t * a_ch_t
         fg_loss = squared_error_sum(s, t, fg * attn) / n
         bg_loss = squared_error_sum(s, t, bg * attn) / n
@@ -210,7 +212,11 @@ class FGDLoss(nn.Module):
         """One (N, C, H, W) pair (or sequences of levels), boxes, input size -> float32 scalar."""
         if not self.multi_level:
             if not (isinstance(s_feats, Tensor) and isinstance(t_feats, Tensor)):
-                raise TypeError("a single-level FGDLoss takes one student and one teacher tensor")
+                raise TypeError(
+                    f"this FGDLoss was built for one level (int channels), so s_feats and t_feats must be tensors; "
+                    f"got {type(s_feats).__name__} and {type(t_feats).__name__} (build it with sequences of "
+                    "channels for several levels)"
+                )
             return self._level(s_feats, t_feats, boxes, image_size, None)
         s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
         if len(s_list) != len(self.levels):

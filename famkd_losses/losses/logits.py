@@ -207,6 +207,9 @@ class MaskedLogitsLoss(nn.Module):
             d = self._guide(s, t, sf_list[i], tf_list[i], level)
             w = guidance_weights(d, self.weights, tau_w=self.tau_w, ratio=self.ratio_l)
             term = weighted_kl_sum(s, t, w, head=self.head, temperature=self.temperature, num_classes=self.num_classes)
+            if self.weights == "mask":
+                # A 0/1 mask only ranks D: keep a NaN/Inf in the guidance visible in the loss.
+                term = term + 0.0 * d.sum()
             terms.append(term)
             total = term if total is None else total + term
             positions += d.shape[1]

@@ -14,6 +14,7 @@ from .._validation import (
     check_channel_list,
     check_channels,
     check_choice,
+    check_module_device,
     check_non_negative,
     check_pair,
     check_ratio,
@@ -123,6 +124,7 @@ class MGDLoss(nn.Module):
                 f"{self.teacher_channels}, got student {s.shape[1]} and teacher {t.shape[1]}"
             )
         t = t.detach()
+        check_module_device(s, "student feature", self, level)
         s = resize_to(s, t.shape[-2:], self.resize_student, "student feature", "teacher feature", level)
         x = self.align(to_module_dtype(s, self.align))
         n, c, h, w = x.shape
@@ -136,7 +138,11 @@ class MGDLoss(nn.Module):
         """One (N, C, H, W) pair, or sequences of levels for a multi-level loss -> float32 scalar."""
         if not self.multi_level:
             if not (isinstance(s_feats, Tensor) and isinstance(t_feats, Tensor)):
-                raise TypeError("a single-level MGDLoss takes one student and one teacher tensor")
+                raise TypeError(
+                    f"this MGDLoss was built for one level (int channels), so s_feats and t_feats must be tensors; "
+                    f"got {type(s_feats).__name__} and {type(t_feats).__name__} (build it with sequences of "
+                    "channels for several levels)"
+                )
             return self._level(s_feats, t_feats, None)
         s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
         if len(s_list) != len(self.levels):
