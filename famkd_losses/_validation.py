@@ -25,7 +25,7 @@ __all__ = [
     "check_same_device",
     "check_pair",
     "as_levels",
-    "check_levels_device",
+    "check_level_device",
     "check_module_device",
     "check_seed",
     "check_weight_list",
@@ -173,22 +173,16 @@ def as_levels(s_name: str, s: Any, t_name: str, t: Any) -> tuple[list[Tensor], l
         raise ValueError(f"number of levels differs: {s_name} has {len(s)}, {t_name} has {len(t)}")
     if len(s) == 0:
         raise ValueError(f"{s_name} and {t_name} must hold at least one level")
-    check_levels_device(s_name, s, t_name, t)
     return list(s), list(t), False
 
 
-def check_levels_device(s_name: str, s: Sequence[Any], t_name: str, t: Sequence[Any]) -> None:
-    """Every tensor of both level sequences on the device of the student's level 0."""
-    if not (len(s) and isinstance(s[0], Tensor)):
-        return
-    ref = s[0].device
-    for name, seq in ((s_name, s), (t_name, t)):
-        for i, x in enumerate(seq):
-            if isinstance(x, Tensor) and x.device != ref:
-                raise ValueError(
-                    f"{name} at level {i} is on {x.device} but {s_name} at level 0 is on {ref}; "
-                    "put every input on one device"
-                )
+def check_level_device(name: str, x: Any, level: int, ref: Tensor, ref_name: str) -> None:
+    """Level ``level`` of a sequence on ``ref``'s device (after that level's own checks, so a
+    student/teacher mismatch within a level is reported as such first)."""
+    if isinstance(x, Tensor) and x.device != ref.device:
+        raise ValueError(
+            f"{name} at level {level} is on {x.device} but {ref_name} is on {ref.device}; put every input on one device"
+        )
 
 
 def check_module_device(x: Tensor, name: str, module: Any, level: int | None = None) -> None:
@@ -213,5 +207,5 @@ def check_weight_list(name: str, value: Any, count: int, what: str) -> tuple[flo
     if isinstance(value, (str, Tensor)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence of {count} non-negative numbers ({what}), got {value!r}")
     if len(value) != count:
-        raise ValueError(f"{name} must give one weight per {what} ({count}), got {len(value)}: {tuple(value)!r}")
+        raise ValueError(f"{name} must give {count} weights, one per {what}, got {len(value)}: {tuple(value)!r}")
     return tuple(check_non_negative(f"{name}[{i}]", w) for i, w in enumerate(value))

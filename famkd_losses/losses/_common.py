@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import at_level, check_seed
+from .._validation import at_level, check_module_device, check_pair, check_seed
 
-__all__ = ["make_align", "FeatureGenerator", "to_module_dtype", "RandomSource", "resize_to"]
+__all__ = ["make_align", "FeatureGenerator", "to_module_dtype", "RandomSource", "resize_to", "align_student"]
 
 
 def make_align(student_channels: int, teacher_channels: int) -> nn.Module:
@@ -83,3 +83,27 @@ class RandomSource:
     def __setstate__(self, state: dict) -> None:
         self.seed = state["seed"]
         self._generators = {}
+
+
+def align_student(loss: nn.Module, s_feat: Tensor, t_feat: Tensor, level: int | None = None) -> Tensor:
+    """Validate one level's pair against a per-level loss and return ``align(S)``: (N, Ct, H, W).
+
+    ``loss`` has ``student_channels``, ``teacher_channels``, ``resize_student`` and ``align``.
+    The student is resized bilinearly to the teacher's size when ``resize_student`` is set.
+    """
+    where = at_level(level)
+    check_pair(
+        "student feature", s_feat, "teacher feature", t_feat, level=level, same_channels=False, same_spatial=False
+    )
+    for name, x, built in (
+        ("student", s_feat, loss.student_channels),
+        ("teacher", t_feat, loss.teacher_channels),
+    ):
+        if x.shape[1] != built:
+            raise ValueError(
+                f"{name} feature{where} has {x.shape[1]} channels but this loss was built for "
+                f"{name}_channels={built} (shape {tuple(x.shape)})"
+            )
+    check_module_device(s_feat, "student feature", loss, level)
+    s_feat = resize_to(s_feat, t_feat.shape[-2:], loss.resize_student, "student feature", "teacher feature", level)
+    return loss.align(to_module_dtype(s_feat, loss.align))

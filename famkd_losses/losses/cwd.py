@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 
 from .._backend import check_backend
-from .._validation import as_levels, check_non_negative, check_pair, check_positive
+from .._validation import as_levels, check_level_device, check_non_negative, check_pair, check_positive
 from ..functional import channel_wise_divergence
 
 __all__ = ["CWDLoss"]
@@ -34,6 +34,7 @@ class CWDLoss(nn.Module):
         total = None
         for i, (s, t) in enumerate(zip(s_list, t_list)):
             check_pair("student feature", s, "teacher feature", t, level=None if single else i)
+            check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
             v = channel_wise_divergence(s, t.detach(), self.tau)
             total = v if total is None else total + v
         assert total is not None

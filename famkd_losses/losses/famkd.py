@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._backend import check_backend
-from .._validation import as_levels, check_channel_list, check_levels_device, check_seed
+from .._validation import as_levels, check_channel_list, check_level_device, check_seed
 from .feature import ScaleAwareMaskedFeatureLoss
 from .logits import MaskedLogitsLoss
 
@@ -140,6 +140,7 @@ class FAMKDLoss(nn.Module):
         n0 = None
         for level, (loss_l, s, t) in enumerate(zip(self.feature_losses, s_list, t_list)):
             x = loss_l.aligned_student(s, t, level)
+            check_level_device("s_feats", s, level, s_list[0], "s_feats at level 0")
             if n0 is None:
                 n0 = x.shape[0]
             elif x.shape[0] != n0:
@@ -155,9 +156,9 @@ class FAMKDLoss(nn.Module):
         total = feature_total
         terms["feature"] = feature_total.detach()
         if s_logits is not None and t_logits is not None:
-            s_lg = [s_logits] if isinstance(s_logits, Tensor) else s_logits
-            t_lg = [t_logits] if isinstance(t_logits, Tensor) else t_logits
-            check_levels_device("s_feats", [s_list[0], *s_lg], "t_logits", t_lg)
+            # the student's logits on the features' device (the logits loss compares the rest)
+            for i, z in enumerate([s_logits] if isinstance(s_logits, Tensor) else s_logits):
+                check_level_device("s_logits", z, i, s_list[0], "s_feats at level 0")
             if self.logits_loss.guidance == "feature":
                 logits_value = self.logits_loss(s_logits, t_logits, [a.detach() for a in aligned], t_list)
             else:

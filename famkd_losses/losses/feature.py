@@ -9,12 +9,9 @@ from torch import Tensor, nn
 
 from .._backend import check_backend
 from .._validation import (
-    at_level,
     check_channels,
     check_choice,
-    check_module_device,
     check_non_negative,
-    check_pair,
     check_positive,
     check_ratio,
     check_scales,
@@ -30,7 +27,7 @@ from ..functional import (
     teacher_attention,
 )
 from ..functional._dtypes import acc_dtype
-from ._common import FeatureGenerator, RandomSource, make_align, resize_to, to_module_dtype
+from ._common import FeatureGenerator, RandomSource, align_student, make_align, to_module_dtype
 
 __all__ = ["ScaleAwareMaskedFeatureLoss", "BRANCHES", "WEIGHTINGS"]
 
@@ -162,23 +159,7 @@ class ScaleAwareMaskedFeatureLoss(nn.Module):
 
     def aligned_student(self, s_feat: Tensor, t_feat: Tensor, level: int | None = None) -> Tensor:
         """Validate one level and return ``align(S)`` at the teacher's size: (N, Ct, H, W)."""
-        where = at_level(level)
-        check_pair(
-            "student feature", s_feat, "teacher feature", t_feat, level=level, same_channels=False, same_spatial=False
-        )
-        if s_feat.shape[1] != self.student_channels:
-            raise ValueError(
-                f"student feature{where} has {s_feat.shape[1]} channels but this loss was built for "
-                f"student_channels={self.student_channels} (shape {tuple(s_feat.shape)})"
-            )
-        if t_feat.shape[1] != self.teacher_channels:
-            raise ValueError(
-                f"teacher feature{where} has {t_feat.shape[1]} channels but this loss was built for "
-                f"teacher_channels={self.teacher_channels} (shape {tuple(t_feat.shape)})"
-            )
-        check_module_device(s_feat, "student feature", self, level)
-        s_feat = resize_to(s_feat, t_feat.shape[-2:], self.resize_student, "student feature", "teacher feature", level)
-        return self.align(to_module_dtype(s_feat, self.align))
+        return align_student(self, s_feat, t_feat, level)
 
     def _mask(self, branch: str, t_s: Tensor, generator: torch.Generator | None) -> Tensor:
         if branch == "spatial":

@@ -10,16 +10,14 @@ from torch import Tensor, nn
 from .._backend import check_backend
 from .._validation import (
     as_levels,
-    at_level,
     check_channel_list,
     check_channels,
-    check_module_device,
+    check_level_device,
     check_non_negative,
-    check_pair,
     check_positive,
 )
 from ..functional import box_masks, channel_attention, spatial_attention, squared_error_sum
-from ._common import make_align, resize_to, to_module_dtype
+from ._common import align_student, make_align, to_module_dtype
 
 __all__ = ["FGDLoss"]
 
@@ -170,19 +168,10 @@ class FGDLoss(nn.Module):
     def _level(
         self, s: Tensor, t: Tensor, boxes: Sequence[Tensor], image_size: Sequence[int], level: int | None
     ) -> Tensor:
-        where = at_level(level)
-        check_pair("student feature", s, "teacher feature", t, level=level, same_channels=False, same_spatial=False)
-        if s.shape[1] != self.student_channels or t.shape[1] != self.teacher_channels:
-            raise ValueError(
-                f"channels{where}: this loss was built for student {self.student_channels} -> teacher "
-                f"{self.teacher_channels}, got student {s.shape[1]} and teacher {t.shape[1]}"
-            )
+        s = align_student(self, s, t, level)
         t = t.detach()
         n, _, h, w = t.shape
         self._check_boxes(boxes, image_size, n, t.device)
-        check_module_device(s, "student feature", self, level)
-        s = resize_to(s, t.shape[-2:], self.resize_student, "student feature", "teacher feature", level)
-        s = self.align(to_module_dtype(s, self.align))
 
         a_sp_t, a_ch_t = spatial_attention(t, self.tau), channel_attention(t, self.tau)
         a_sp_s, a_ch_s = spatial_attention(s, self.tau), channel_attention(s, self.tau)
@@ -211,7 +200,7 @@ class FGDLoss(nn.Module):
     ) -> Tensor:
         """One (N, C, H, W) pair (or sequences of levels), boxes, input size -> float32 scalar."""
         if not self.multi_level:
-            if not (isinstance(s_feats, Tensor) and isinstance(t_feats, Tensor)):
+            if isinstance(s_feats, Sequence) or isinstance(t_feats, Sequence):
                 raise TypeError(
                     f"this FGDLoss was built for one level (int channels), so s_feats and t_feats must be tensors; "
                     f"got {type(s_feats).__name__} and {type(t_feats).__name__} (build it with sequences of "
@@ -224,6 +213,7 @@ class FGDLoss(nn.Module):
         total = None
         for i, (mod, s, t) in enumerate(zip(self.levels, s_list, t_list)):
             v = mod._level(s, t, boxes, image_size, i)
+            check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
             total = v if total is None else total + v
         assert total is not None
         return total

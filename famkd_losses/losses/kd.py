@@ -11,6 +11,7 @@ from .._validation import (
     as_levels,
     at_level,
     check_choice,
+    check_level_device,
     check_non_negative,
     check_positive,
     check_same_device,
@@ -60,6 +61,7 @@ class KDLoss(nn.Module):
             check_tensor("student logits", s, (1, 2, 3, 4, 5), level)
             check_tensor("teacher logits", t, (1, 2, 3, 4, 5), level)
             check_same_device([("student logits", s), ("teacher logits", t)], level)
+            check_level_device("s_logits", s, i, s_list[0], "s_logits at level 0")
             if s.shape != t.shape:
                 raise ValueError(
                     f"logits shapes differ{at_level(level)}: student {tuple(s.shape)}, teacher {tuple(t.shape)}"

@@ -12,6 +12,7 @@ from .._validation import (
     at_level,
     check_channels,
     check_choice,
+    check_level_device,
     check_non_negative,
     check_pair,
     check_positive,
@@ -199,6 +200,7 @@ class MaskedLogitsLoss(nn.Module):
         for i, (s, t) in enumerate(zip(s_list, t_list)):
             level = None if single else i
             self._check_logits(s, t, level)
+            check_level_device("s_logits", s, i, s_list[0], "s_logits at level 0")
             if n0 is None:
                 n0 = s.shape[0]
             elif s.shape[0] != n0:

@@ -10,17 +10,15 @@ from torch import Tensor, nn
 from .._backend import check_backend
 from .._validation import (
     as_levels,
-    at_level,
     check_channel_list,
     check_channels,
     check_choice,
-    check_module_device,
+    check_level_device,
     check_non_negative,
-    check_pair,
     check_ratio,
 )
 from ..functional import bernoulli_mask, reconstruction_error
-from ._common import FeatureGenerator, RandomSource, make_align, resize_to, to_module_dtype
+from ._common import FeatureGenerator, RandomSource, align_student, make_align, to_module_dtype
 
 __all__ = ["MGDLoss"]
 
@@ -116,17 +114,8 @@ class MGDLoss(nn.Module):
         return bernoulli_mask(shape, self.ratio, gen, device)
 
     def _level(self, s: Tensor, t: Tensor, level: int | None) -> Tensor:
-        where = at_level(level)
-        check_pair("student feature", s, "teacher feature", t, level=level, same_channels=False, same_spatial=False)
-        if s.shape[1] != self.student_channels or t.shape[1] != self.teacher_channels:
-            raise ValueError(
-                f"channels{where}: this loss was built for student {self.student_channels} -> teacher "
-                f"{self.teacher_channels}, got student {s.shape[1]} and teacher {t.shape[1]}"
-            )
+        x = align_student(self, s, t, level)
         t = t.detach()
-        check_module_device(s, "student feature", self, level)
-        s = resize_to(s, t.shape[-2:], self.resize_student, "student feature", "teacher feature", level)
-        x = self.align(to_module_dtype(s, self.align))
         n, c, h, w = x.shape
         shape = (n, 1, h, w) if self.mask == "spatial" else (n, c, 1, 1)
         m = self._draw(shape, x.device)
@@ -137,7 +126,7 @@ class MGDLoss(nn.Module):
     def forward(self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor]) -> Tensor:
         """One (N, C, H, W) pair, or sequences of levels for a multi-level loss -> float32 scalar."""
         if not self.multi_level:
-            if not (isinstance(s_feats, Tensor) and isinstance(t_feats, Tensor)):
+            if isinstance(s_feats, Sequence) or isinstance(t_feats, Sequence):
                 raise TypeError(
                     f"this MGDLoss was built for one level (int channels), so s_feats and t_feats must be tensors; "
                     f"got {type(s_feats).__name__} and {type(t_feats).__name__} (build it with sequences of "
@@ -150,6 +139,7 @@ class MGDLoss(nn.Module):
         total = None
         for i, (mod, s, t) in enumerate(zip(self.levels, s_list, t_list)):
             v = mod._level(s, t, i)
+            check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
             total = v if total is None else total + v
         assert total is not None
         return total

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._backend import check_backend
-from .._validation import as_levels, at_level, check_non_negative, check_pair
+from .._validation import as_levels, at_level, check_level_device, check_non_negative, check_pair
 from ..functional import pearson_loss
 
 __all__ = ["PKDLoss"]
@@ -45,6 +45,7 @@ class PKDLoss(nn.Module):
         for i, (s, t) in enumerate(zip(s_list, t_list)):
             level = None if single else i
             check_pair("student feature", s, "teacher feature", t, level=level, same_spatial=False)
+            check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
             t = t.detach()
             if s.shape[-2:] != t.shape[-2:]:
                 if self.resize_student:
