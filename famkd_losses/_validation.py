@@ -9,9 +9,11 @@ they never synchronise with the GPU and trace cleanly under ``torch.compile``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import Tensor
 
 __all__ = [
@@ -24,6 +26,7 @@ __all__ = [
     "check_tensor",
     "check_same_device",
     "check_pair",
+    "warn_if_swapped",
     "as_levels",
     "check_level_device",
     "check_module_device",
@@ -125,6 +128,18 @@ def check_same_device(named: Sequence[tuple[str, Tensor]], level: int | None = N
             )
 
 
+def warn_if_swapped(s_name: str, s: Tensor, t_name: str, t: Tensor) -> None:
+    """Warn when the teacher needs grad but the student does not: most likely (teacher, student)
+    was passed where (student, teacher) is expected. Metadata only."""
+    if t.requires_grad and not s.requires_grad and torch.is_grad_enabled():
+        warnings.warn(
+            f"the {t_name} requires grad but the {s_name} does not: the argument order is (student, teacher); "
+            "compute the teacher under torch.no_grad()",
+            UserWarning,
+            stacklevel=4,
+        )
+
+
 def check_pair(
     s_name: str,
     s: Any,
@@ -134,6 +149,7 @@ def check_pair(
     level: int | None = None,
     same_channels: bool = True,
     same_spatial: bool = True,
+    channels_hint: str = "",
 ) -> tuple[Tensor, Tensor]:
     """Check a student/teacher pair of (N, C, H, W) maps against each other."""
     check_tensor(s_name, s, 4, level)
@@ -146,16 +162,18 @@ def check_pair(
             f"{t_name} has {t.shape[0]} (shape {tuple(t.shape)})"
         )
     if same_channels and s.shape[1] != t.shape[1]:
-        raise ValueError(f"channels differ{where}: {s_name} has {s.shape[1]}, {t_name} has {t.shape[1]}")
+        raise ValueError(f"channels differ{where}: {s_name} has {s.shape[1]}, {t_name} has {t.shape[1]}{channels_hint}")
     if same_spatial and s.shape[-2:] != t.shape[-2:]:
         raise ValueError(
             f"spatial sizes differ{where}: {s_name} is {tuple(s.shape[-2:])}, {t_name} is {tuple(t.shape[-2:])}"
         )
+    warn_if_swapped(s_name, s, t_name, t)
     return s, t
 
 
 def as_levels(s_name: str, s: Any, t_name: str, t: Any) -> tuple[list[Tensor], list[Tensor], bool]:
-    """Accept one tensor pair or two sequences of levels of equal length.
+    """Accept one tensor pair, two sequences of levels of equal length, or two mappings of
+    levels with the same keys (in insertion order, as torchvision's FPN returns them).
 
     Returns the two lists and whether a single tensor pair was given.
     """
@@ -166,9 +184,21 @@ def as_levels(s_name: str, s: Any, t_name: str, t: Any) -> tuple[list[Tensor], l
                 f"{type(s).__name__} and {type(t).__name__}"
             )
         return [s], [t], True
+    if isinstance(s, Mapping) or isinstance(t, Mapping):
+        if not (isinstance(s, Mapping) and isinstance(t, Mapping)):
+            raise TypeError(
+                f"{s_name} and {t_name} must both be mappings of levels (like torchvision's FPN output) or both "
+                f"sequences, got {type(s).__name__} and {type(t).__name__}"
+            )
+        if list(s.keys()) != list(t.keys()):
+            raise ValueError(f"{s_name} and {t_name} name different levels: {list(s.keys())} and {list(t.keys())}")
+        s, t = list(s.values()), list(t.values())
     for name, v in ((s_name, s), (t_name, t)):
         if not isinstance(v, Sequence):
-            raise TypeError(f"{name} must be a tensor or a sequence of tensors (levels), got {type(v).__name__}")
+            raise TypeError(
+                f"{name} must be a tensor, a sequence of tensors (levels) or a mapping of levels, got "
+                f"{type(v).__name__}; pass a list of the levels"
+            )
     if len(s) != len(t):
         raise ValueError(f"number of levels differs: {s_name} has {len(s)}, {t_name} has {len(t)}")
     if len(s) == 0:

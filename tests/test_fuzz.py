@@ -253,7 +253,7 @@ def test_fuzz_kd(shape, mode, tau, seed):
     g = torch.Generator().manual_seed(seed)
     s = _randn(g, *shape).requires_grad_(True)
     t = _randn(g, *shape)
-    loss = KDLoss(tau=tau, mode=mode)(s, t)
+    loss = KDLoss(tau=tau, mode=mode, class_dim=-1)(s, t)
     if mode == "softmax":
         p = torch.softmax(t / tau, -1)
         kl = (p * (torch.log(p) - torch.log_softmax(s / tau, -1))).sum(-1)

@@ -8,7 +8,21 @@ from torch import Tensor, nn
 
 from .._validation import at_level, check_module_device, check_pair, check_seed
 
-__all__ = ["make_align", "FeatureGenerator", "to_module_dtype", "RandomSource", "resize_to", "align_student"]
+# appended to channel-mismatch errors of the losses that compare raw channels
+NO_ALIGN_HINT = (
+    "; this loss has no align layer: project the student with your own 1x1 conv (and optimise it), or use "
+    "MGDLoss, FGDLoss or FAMKDLoss, which align"
+)
+
+__all__ = [
+    "NO_ALIGN_HINT",
+    "make_align",
+    "FeatureGenerator",
+    "to_module_dtype",
+    "RandomSource",
+    "resize_to",
+    "align_student",
+]
 
 
 def make_align(student_channels: int, teacher_channels: int) -> nn.Module:

@@ -9,14 +9,15 @@ from torch import Tensor, nn
 
 from .._backend import check_backend
 from .._validation import as_levels, check_channel_list, check_level_device, check_seed
+from ._base import DistillationLoss
 from .feature import ScaleAwareMaskedFeatureLoss
 from .logits import MaskedLogitsLoss
 
 __all__ = ["FAMKDLoss"]
 
 
-class FAMKDLoss(nn.Module):
-    """The whole method (method.md section 5): one feature loss per FPN level plus the logits loss.
+class FAMKDLoss(DistillationLoss):
+    """The whole method: one scale-aware masked feature loss per FPN level plus the masked logits loss.
 
     ``loss = sum_l ScaleAwareMaskedFeatureLoss_l(S_l, T_l) + MaskedLogitsLoss(Z_S, Z_T)``
 

@@ -27,6 +27,7 @@ from ..functional import (
     teacher_attention,
 )
 from ..functional._dtypes import acc_dtype
+from ._base import DistillationLoss
 from ._common import FeatureGenerator, RandomSource, align_student, make_align, to_module_dtype
 
 __all__ = ["ScaleAwareMaskedFeatureLoss", "BRANCHES", "WEIGHTINGS"]
@@ -35,8 +36,8 @@ BRANCHES = ("spatial", "channel")
 WEIGHTINGS = ("none", "attention")
 
 
-class ScaleAwareMaskedFeatureLoss(nn.Module):
-    """Scale-aware adaptive masked feature reconstruction for one FPN level (method.md section 3).
+class ScaleAwareMaskedFeatureLoss(DistillationLoss):
+    """Scale-aware adaptive masked feature reconstruction for one FPN level.
 
     For each scale s the teacher map T and the aligned student map X = align(S) are max-pooled
     over s x s windows; the teacher's attention at that scale picks the positions (spatial
@@ -186,7 +187,8 @@ class ScaleAwareMaskedFeatureLoss(nn.Module):
             for b in self.branches:
                 mask = self._mask(b, t_s, generator)
                 gen = self._generator(b, i)
-                recons.append(gen(to_module_dtype(x_s, gen) * mask.to(x_s.dtype)))
+                x_in = to_module_dtype(x_s, gen)
+                recons.append(gen(x_in * mask.to(x_in.dtype)))
             theta = None if self.fusion_logits is None else self.fusion_logits[i]
             recon = fuse_reconstructions(recons, theta)
             weight = None

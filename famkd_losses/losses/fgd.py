@@ -17,6 +17,7 @@ from .._validation import (
     check_positive,
 )
 from ..functional import box_masks, channel_attention, spatial_attention, squared_error_sum
+from ._base import DistillationLoss
 from ._common import align_student, make_align, to_module_dtype
 
 __all__ = ["FGDLoss"]
@@ -32,8 +33,8 @@ def _context_branch(channels: int) -> nn.Sequential:
     )
 
 
-class FGDLoss(nn.Module):
-    """Focal and Global Distillation, as the official code computes it (method.md 2b).
+class FGDLoss(DistillationLoss):
+    """Focal and Global Distillation, as the official code computes it.
 
     With ``S = align(S)``, teacher/student attention ``A^t, A^s`` at temperature ``tau``,
     box masks ``M_fg, M_bg`` and ``E = A_sp^t A_ch^t (S - T)^2``::

@@ -4,33 +4,41 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._backend import check_backend
 from .._validation import (
     as_levels,
     at_level,
+    check_channels,
     check_choice,
     check_level_device,
     check_non_negative,
     check_positive,
     check_same_device,
     check_tensor,
+    warn_if_swapped,
 )
-from ..functional import binary_kl, softmax_kl
+from ..functional import binary_kl, softmax_kl, to_positions
+from ._base import DistillationLoss
 
 __all__ = ["KDLoss"]
 
 KD_MODES = ("softmax", "sigmoid")
 
 
-class KDLoss(nn.Module):
+class KDLoss(DistillationLoss):
     """``loss_weight * tau^2 * KL(teacher || student)`` averaged over samples.
 
-    ``mode="softmax"``: Hinton's KL between ``softmax(z/tau)`` over the class dimension;
-    ``"sigmoid"``: the per-class binary KL (method.md section 4), summed over classes. Every
-    index other than ``class_dim`` is a sample: (N, K) logits average over N, dense
-    (N, K, H, W) logits with ``class_dim=1`` over N*H*W. Sequences of levels are summed.
+    ``mode="softmax"``: Hinton's KL between ``softmax(z/tau)`` over the classes; ``"sigmoid"``:
+    the per-class binary KL (as in :class:`MaskedLogitsLoss`), summed over classes. Every
+    index other than the class one is a sample, and the KL is averaged over samples.
+
+    Layouts: (N, K) or (N, P, K) logits have the classes last. Dense (N, A*K, H, W) head
+    logits (4-D) have the classes in the channels: with ``num_classes=K`` each of the A
+    anchors at each position is a sample over K classes, without it the C channels are one
+    distribution per position (A = 1). ``class_dim`` overrides this and names the class
+    dimension explicitly. Sequences (or mappings) of levels are summed.
     """
 
     def __init__(
@@ -39,7 +47,8 @@ class KDLoss(nn.Module):
         tau: float = 1.0,
         mode: str = "softmax",
         loss_weight: float = 1.0,
-        class_dim: int = -1,
+        class_dim: int | None = None,
+        num_classes: int | None = None,
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -47,15 +56,38 @@ class KDLoss(nn.Module):
         check_choice("mode", mode, KD_MODES)
         self.mode = mode
         self.loss_weight = check_non_negative("loss_weight", loss_weight)
-        if isinstance(class_dim, bool) or not isinstance(class_dim, int):
-            raise TypeError(f"class_dim must be an int, got {class_dim!r}")
+        if class_dim is not None and (isinstance(class_dim, bool) or not isinstance(class_dim, int)):
+            raise TypeError(f"class_dim must be an int or None, got {class_dim!r}")
+        if class_dim is not None and num_classes is not None:
+            raise ValueError("pass class_dim or num_classes, not both (num_classes splits dense A*K channels)")
         self.class_dim = class_dim
+        self.num_classes = None if num_classes is None else check_channels("num_classes", num_classes)
         self.backend = check_backend(backend)
+
+    def _classes_last(self, s: Tensor, t: Tensor, level: int | None) -> tuple[Tensor, Tensor]:
+        """Both logits with the class dimension last."""
+        where = at_level(level)
+        if self.class_dim is not None:
+            if not -s.dim() <= self.class_dim < s.dim():
+                raise ValueError(f"class_dim={self.class_dim} is out of range for logits of shape {tuple(s.shape)}")
+            return s.movedim(self.class_dim, -1), t.movedim(self.class_dim, -1)
+        if s.dim() == 4:
+            if self.num_classes is not None and s.shape[1] % self.num_classes != 0:
+                raise ValueError(
+                    f"dense logits{where} have {s.shape[1]} channels, not a multiple of num_classes={self.num_classes}"
+                )
+            return to_positions(s, self.num_classes), to_positions(t, self.num_classes)
+        if self.num_classes is not None and s.shape[-1] != self.num_classes:
+            raise ValueError(
+                f"logits{where} have {s.shape[-1]} classes in the last dimension but num_classes={self.num_classes}"
+            )
+        return s, t
 
     def forward(self, s_logits: Tensor | Sequence[Tensor], t_logits: Tensor | Sequence[Tensor]) -> Tensor:
         """float32 scalar."""
         s_list, t_list, single = as_levels("s_logits", s_logits, "t_logits", t_logits)
         total = None
+        terms: dict[str, Tensor] = {}
         for i, (s, t) in enumerate(zip(s_list, t_list)):
             level = None if single else i
             check_tensor("student logits", s, (1, 2, 3, 4, 5), level)
@@ -66,14 +98,16 @@ class KDLoss(nn.Module):
                 raise ValueError(
                     f"logits shapes differ{at_level(level)}: student {tuple(s.shape)}, teacher {tuple(t.shape)}"
                 )
-            if not -s.dim() <= self.class_dim < s.dim():
-                raise ValueError(f"class_dim={self.class_dim} is out of range for logits of shape {tuple(s.shape)}")
-            t = t.detach()
+            warn_if_swapped("student logits", s, "teacher logits", t)
+            s, t = self._classes_last(s, t.detach(), level)
             if self.mode == "softmax":
-                kl = softmax_kl(s, t, self.tau, dim=self.class_dim)
+                kl = softmax_kl(s, t, self.tau, dim=-1)
             else:
-                kl = binary_kl(s, t, self.tau).sum(dim=self.class_dim)
+                kl = binary_kl(s, t, self.tau).sum(dim=-1)
             v = kl.mean() * self.tau**2
             total = v if total is None else total + v
+            terms[f"level{i}"] = self.loss_weight * v
         assert total is not None
-        return self.loss_weight * total
+        loss = self.loss_weight * total
+        self._record({"total": loss, **terms})
+        return loss

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._backend import check_backend
 from .._validation import (
@@ -30,14 +30,15 @@ from ..functional import (
     region_aware_guidance,
     weighted_kl_sum,
 )
+from ._base import DistillationLoss
 
 __all__ = ["MaskedLogitsLoss", "GUIDANCES"]
 
 GUIDANCES = ("logit", "feature")
 
 
-class MaskedLogitsLoss(nn.Module):
-    """Masked logits distillation (method.md section 4).
+class MaskedLogitsLoss(DistillationLoss):
+    """Masked logits distillation.
 
     Per level, a guidance map D says where teacher and student disagree; a detached weight
     map W made from it says where, and how strongly, the temperature KL is distilled::

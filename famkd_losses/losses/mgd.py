@@ -18,6 +18,7 @@ from .._validation import (
     check_ratio,
 )
 from ..functional import bernoulli_mask, reconstruction_error
+from ._base import DistillationLoss
 from ._common import FeatureGenerator, RandomSource, align_student, make_align, to_module_dtype
 
 __all__ = ["MGDLoss"]
@@ -25,7 +26,7 @@ __all__ = ["MGDLoss"]
 MGD_MASKS = ("spatial", "channel")
 
 
-class MGDLoss(nn.Module):
+class MGDLoss(DistillationLoss):
     """Masked Generative Distillation, as the official code computes it.
 
     Per level: ``X = align(S)``; a random mask hides each position (``mask="spatial"``,

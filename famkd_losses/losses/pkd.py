@@ -6,16 +6,18 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._backend import check_backend
 from .._validation import as_levels, at_level, check_level_device, check_non_negative, check_pair
 from ..functional import pearson_loss
+from ._base import DistillationLoss
+from ._common import NO_ALIGN_HINT
 
 __all__ = ["PKDLoss"]
 
 
-class PKDLoss(nn.Module):
+class PKDLoss(DistillationLoss):
     """Pearson-correlation feature distillation, as the official code computes it.
 
     Each channel of S and T is standardised over the batch and positions together
@@ -42,9 +44,12 @@ class PKDLoss(nn.Module):
         """float32 scalar."""
         s_list, t_list, single = as_levels("s_feats", s_feats, "t_feats", t_feats)
         total = None
+        terms: dict[str, Tensor] = {}
         for i, (s, t) in enumerate(zip(s_list, t_list)):
             level = None if single else i
-            check_pair("student feature", s, "teacher feature", t, level=level, same_spatial=False)
+            check_pair(
+                "student feature", s, "teacher feature", t, level=level, same_spatial=False, channels_hint=NO_ALIGN_HINT
+            )
             check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
             t = t.detach()
             if s.shape[-2:] != t.shape[-2:]:
@@ -60,5 +65,8 @@ class PKDLoss(nn.Module):
                 )
             v = pearson_loss(s, t)
             total = v if total is None else total + v
+            terms[f"level{i}"] = self.loss_weight * v
         assert total is not None
-        return self.loss_weight * total
+        loss = self.loss_weight * total
+        self._record({"total": loss, **terms})
+        return loss

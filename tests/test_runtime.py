@@ -1,0 +1,647 @@
+"""Runtime behaviour of the loss modules: autocast, low-precision inputs and modules, memory
+layouts, ``torch.compile``, two-process DDP, and copying / pickling / dtype conversion.
+
+Every comparison is against the same computation in plain float32 (or on contiguous copies,
+or eagerly, or in one process), with the tolerance stated where it is used.
+"""
+
+from __future__ import annotations
+
+import copy
+import pickle
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from famkd_losses import CWDLoss, FAMKDLoss, FGDLoss, KDLoss, MaskedLogitsLoss, MGDLoss, PKDLoss
+
+N = 2
+S_CH = [8, 16]  # level 0 needs an align conv (8 -> 16), level 1 is the identity
+T_CH = [16, 16]
+SIZES = [(8, 8), (4, 4)]
+LOGIT_CH = 6  # dense logits (N, 6, H, W): one anchor, 6 classes
+IMAGE_SIZE = (64, 64)
+MASK_SEED = 1234  # the seed of MGD's (and FAMKD "sample"'s) masks: equal seeds give equal draws
+PARAM_SEED = 0
+BOXES = [
+    torch.tensor([[4.0, 4.0, 30.0, 40.0]]),
+    torch.tensor([[10.0, 20.0, 60.0, 50.0], [0.0, 0.0, 16.0, 16.0]]),
+]
+
+# Low-precision tolerances (stated once, used everywhere below).
+LOW_RTOL = 1e-2  # loss (and FAMKD's last_terms()) of a bfloat16/float16 computation vs float32 (observed <= 4e-5)
+MIN_COS = 0.99  # cosine similarity of each low-precision gradient with the float32 gradient
+NORM_RTOL = 0.1  # and the ratio of their norms, within 1 +- NORM_RTOL
+FP16_GRAD_SCALE = 2.0**16  # GradScaler's initial scale: float16 backward needs it (alpha = 2e-5 underflows)
+
+
+@pytest.fixture(autouse=True)
+def _single_thread():
+    """One intra-op thread: these tensors are tiny, and with two threads every op waits on an
+    OpenMP barrier, which costs 100x when other processes share the two cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+# --------------------------------------------------------------------------------------------
+# The modules under test, each with its inputs and its call
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    factory: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], tuple[list[Tensor], list[Tensor]]]  # (student, teacher)
+    call: Callable[[nn.Module, list[Tensor], list[Tensor]], Tensor]
+
+    def build(self, seed: int = PARAM_SEED) -> nn.Module:
+        """A fresh module: parameters from ``torch.manual_seed(seed)``, mask streams at their start."""
+        torch.manual_seed(seed)
+        return self.factory()
+
+    def make_inputs(self, seed: int = 0) -> tuple[list[Tensor], list[Tensor]]:
+        return self.inputs(torch.Generator().manual_seed(seed))
+
+
+def _features(g: torch.Generator, s_ch: list[int] = S_CH) -> tuple[list[Tensor], list[Tensor]]:
+    s = [torch.randn(N, c, h, w, generator=g) for c, (h, w) in zip(s_ch, SIZES)]
+    t = [torch.randn(N, c, h, w, generator=g) * 1.5 + 0.2 for c, (h, w) in zip(T_CH, SIZES)]
+    return s, t
+
+
+def _dense_logits(g: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+    s = [torch.randn(N, LOGIT_CH, h, w, generator=g) for h, w in SIZES]
+    t = [2.0 * torch.randn(N, LOGIT_CH, h, w, generator=g) for h, w in SIZES]
+    return s, t
+
+
+def _famkd_inputs(g: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+    s, t = _features(g)
+    sl, tl = _dense_logits(g)
+    return s + sl, t + tl
+
+
+def _flat_logits(g: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+    return [torch.randn(N, 40, 5, generator=g)], [2.0 * torch.randn(N, 40, 5, generator=g)]
+
+
+def _class_logits(g: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+    return [torch.randn(8, 10, generator=g)], [2.0 * torch.randn(8, 10, generator=g)]
+
+
+CASES = {
+    "famkd": Case(
+        "famkd",
+        lambda: FAMKDLoss(S_CH, T_CH),  # default mask_mode="topk": deterministic
+        _famkd_inputs,
+        lambda m, s, t: m(s[:2], t[:2], s[2:], t[2:]),
+    ),
+    "mgd": Case("mgd", lambda: MGDLoss(S_CH, T_CH, seed=MASK_SEED), _features, lambda m, s, t: m(s, t)),
+    "fgd": Case("fgd", lambda: FGDLoss(S_CH, T_CH), _features, lambda m, s, t: m(s, t, BOXES, IMAGE_SIZE)),
+    "masked_logits": Case("masked_logits", MaskedLogitsLoss, _dense_logits, lambda m, s, t: m(s, t)),
+    "masked_logits_flat": Case("masked_logits_flat", MaskedLogitsLoss, _flat_logits, lambda m, s, t: m(s[0], t[0])),
+    "pkd": Case("pkd", PKDLoss, lambda g: _features(g, T_CH), lambda m, s, t: m(s, t)),
+    "cwd": Case("cwd", CWDLoss, lambda g: _features(g, T_CH), lambda m, s, t: m(s, t)),
+    "kd": Case("kd", KDLoss, _class_logits, lambda m, s, t: m(s[0], t[0])),
+    # seeded random mask modes, for the copy / pickle / state_dict tests
+    "famkd_sample": Case(
+        "famkd_sample",
+        lambda: FAMKDLoss(S_CH, T_CH, mask_mode="sample", seed=MASK_SEED),
+        _famkd_inputs,
+        lambda m, s, t: m(s[:2], t[:2], s[2:], t[2:]),
+    ),
+    "famkd_random": Case(
+        "famkd_random",
+        lambda: FAMKDLoss(S_CH, T_CH, mask_mode="random", seed=MASK_SEED),
+        _famkd_inputs,
+        lambda m, s, t: m(s[:2], t[:2], s[2:], t[2:]),
+    ),
+}
+MAIN_CASES = ["famkd", "mgd", "fgd", "masked_logits", "pkd", "cwd", "kd"]
+
+
+def _run(
+    case: Case,
+    module: nn.Module,
+    student: list[Tensor],
+    teacher: list[Tensor],
+    *,
+    autocast: torch.dtype | None = None,
+    grad_scale: float = 1.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Forward and backward; returns the loss and every gradient (student inputs and parameters)."""
+    s = [x.detach().clone().requires_grad_() for x in student]
+    ctx = torch.autocast("cpu", dtype=autocast) if autocast is not None else nullcontext()
+    with ctx:
+        loss = case.call(module, s, teacher)
+    (loss * grad_scale).backward()
+    grads = {f"student[{i}]": x.grad for i, x in enumerate(s)}
+    inner = getattr(module, "_orig_mod", module)  # a torch.compile'd module's names lack the prefix
+    grads.update({name: p.grad for name, p in inner.named_parameters()})
+    missing = [name for name, g in grads.items() if g is None]
+    assert not missing, f"{case.name}: no gradient reached {missing}"
+    return loss.detach(), {name: g.detach().double() / grad_scale for name, g in grads.items()}
+
+
+def _assert_terms_close(module: nn.Module, ref_module: nn.Module, rtol: float, what: str) -> None:
+    """FAMKDLoss's parts (feature per level and scale, logits per level) agree too: the total is
+    dominated by the logits part, so the feature part is checked on its own."""
+    if not isinstance(module, FAMKDLoss):
+        return
+    terms, ref_terms = module.last_terms(), ref_module.last_terms()
+    assert terms.keys() == ref_terms.keys() and "feature/level1/scale4" in terms
+    for key, v in terms.items():
+        assert v.dtype in (torch.float32, torch.float64), f"{what}: {key} is {v.dtype}"
+        torch.testing.assert_close(v.double(), ref_terms[key].double(), rtol=rtol, atol=0.0, msg=f"{what}: {key}")
+
+
+def _assert_grads_aligned(grads: dict[str, Tensor], ref: dict[str, Tensor], what: str) -> None:
+    """Each gradient finite, within MIN_COS in direction and NORM_RTOL in norm of its reference."""
+    assert grads.keys() == ref.keys()
+    scale = max(r.norm().item() for r in ref.values())
+    for name, g in grads.items():
+        r = ref[name]
+        assert g.shape == r.shape, f"{what}: {name} shape {tuple(g.shape)} vs {tuple(r.shape)}"
+        assert torch.isfinite(g).all(), f"{what}: gradient of {name} is not finite"
+        rn, gn = r.norm().item(), g.norm().item()
+        if rn <= 1e-12 * scale:  # e.g. FGD's W1 while W2 is zero-initialised: exactly zero
+            assert gn <= 1e-6 * scale, f"{what}: {name} should have a zero gradient, has norm {gn}"
+            continue
+        cos = torch.dot(g.flatten(), r.flatten()).item() / (gn * rn + 1e-300)
+        assert cos > MIN_COS, f"{what}: gradient of {name} has cosine {cos:.5f} with float32 (want > {MIN_COS})"
+        assert abs(gn / rn - 1) < NORM_RTOL, f"{what}: gradient norm of {name} is {gn:.4g}, float32 {rn:.4g}"
+
+
+def _assert_grads_close(grads: dict[str, Tensor], ref: dict[str, Tensor], rtol: float, what: str) -> None:
+    """Elementwise closeness; the absolute floor is rtol times the largest entry of that gradient."""
+    assert grads.keys() == ref.keys()
+    for name, g in grads.items():
+        r = ref[name]
+        atol = rtol * max(r.abs().max().item(), 1e-30)
+        torch.testing.assert_close(g, r, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{what}: {n}: {m}")
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Autocast
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_autocast_supported(dtype: torch.dtype) -> bool:
+    try:
+        with torch.autocast("cpu", dtype=dtype):
+            y = nn.Conv2d(2, 2, 1)(torch.randn(1, 2, 2, 2))
+        return y.dtype == dtype
+    except (RuntimeError, TypeError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", MAIN_CASES)
+def test_autocast_matches_float32(name: str, dtype: torch.dtype) -> None:
+    """Forward + backward under CPU autocast: float32 finite loss within LOW_RTOL of the float32
+    loss; every gradient finite and aligned (cosine > MIN_COS) with the float32 gradient.
+    float16 backward uses a GradScaler-like loss scale (alpha = 2e-5 makes the generators'
+    gradients float16 subnormals otherwise), as float16 training does anyway."""
+    if not _cpu_autocast_supported(dtype):
+        pytest.skip(f"CPU autocast refuses {dtype} on this build")
+    case = CASES[name]
+    student, teacher = case.make_inputs()
+    ref_module, module = case.build(), case.build()
+    ref_loss, ref_grads = _run(case, ref_module, student, teacher)
+    scale = FP16_GRAD_SCALE if dtype == torch.float16 else 1.0
+    loss, grads = _run(case, module, student, teacher, autocast=dtype, grad_scale=scale)
+    assert loss.dtype == torch.float32, f"{name} under {dtype} autocast returned {loss.dtype}"
+    assert torch.isfinite(loss)
+    torch.testing.assert_close(loss, ref_loss, rtol=LOW_RTOL, atol=0.0)
+    _assert_terms_close(module, ref_module, LOW_RTOL, f"{name} autocast {dtype}")
+    _assert_grads_aligned(grads, ref_grads, f"{name} autocast {dtype}")
+
+
+# --------------------------------------------------------------------------------------------
+# 2. bfloat16 / float16 inputs without autocast
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("module_dtype", ["float32", "low"], ids=["module_fp32", "module_low"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", MAIN_CASES)
+def test_low_precision_inputs(name: str, dtype: torch.dtype, module_dtype: str) -> None:
+    """Student and teacher in bfloat16/float16, the module in float32 or ``.to(dtype)``.
+
+    The reference is the float32 computation on the same (rounded) inputs and, for a
+    low-precision module, on its rounded parameters, so the masks are the same. A float32
+    module computes in float32 from those values: the loss agrees to 1e-4. A low-precision
+    module runs its convs in that dtype: LOW_RTOL and MIN_COS.
+    """
+    case = CASES[name]
+    student, teacher = case.make_inputs()
+    low_s = [x.to(dtype) for x in student]
+    low_t = [x.to(dtype) for x in teacher]
+    module = case.build()
+    ref_module = case.build()
+    if module_dtype == "low":
+        module = module.to(dtype)
+        ref_module = ref_module.to(dtype).float()
+        assert all(p.dtype == dtype for p in module.parameters())
+    scale = FP16_GRAD_SCALE if (dtype == torch.float16 and module_dtype == "low") else 1.0
+    ref_loss, ref_grads = _run(case, ref_module, [x.float() for x in low_s], [x.float() for x in low_t])
+    loss, grads = _run(case, module, low_s, low_t, grad_scale=scale)
+    assert loss.dtype == torch.float32, f"{name}: {dtype} inputs gave a {loss.dtype} loss"
+    assert torch.isfinite(loss)
+    for i, x in enumerate(low_s):
+        assert grads[f"student[{i}]"].shape == x.shape
+    rtol = 1e-4 if module_dtype == "float32" else LOW_RTOL
+    torch.testing.assert_close(loss, ref_loss, rtol=rtol, atol=0.0)
+    _assert_terms_close(module, ref_module, rtol, f"{name} {dtype} inputs, {module_dtype} module")
+    _assert_grads_aligned(grads, ref_grads, f"{name} {dtype} inputs, {module_dtype} module")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. Memory layouts
+# --------------------------------------------------------------------------------------------
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+
+
+def _strided(x: Tensor) -> Tensor:
+    """The same values as a view that skips every other entry of dim 1: ``base[:, ::2]``."""
+    base = x.new_full((x.shape[0], 2 * x.shape[1], *x.shape[2:]), float("nan"))
+    base[:, ::2] = x
+    return base[:, ::2]
+
+
+def _transposed(x: Tensor) -> Tensor:
+    """The same values stored with the last two dims swapped (H/W, or P/K of (N, P, K) logits)."""
+    return x.transpose(-1, -2).contiguous().transpose(-1, -2)
+
+
+LAYOUTS = {"channels_last": _channels_last, "strided": _strided, "transposed": _transposed}
+LAYOUT_RTOL = 1e-5
+
+
+LAYOUT_PARAMS = [
+    (name, layout)
+    for name in ["famkd", "mgd", "fgd", "pkd", "cwd", "masked_logits", "masked_logits_flat", "kd"]
+    for layout in LAYOUTS
+    if not (layout == "channels_last" and name in ("masked_logits_flat", "kd"))  # no 4-D tensor
+]
+
+
+@pytest.mark.parametrize(("name", "layout"), LAYOUT_PARAMS)
+def test_layouts_match_contiguous(name: str, layout: str) -> None:
+    """channels_last and non-contiguous student/teacher tensors (as leaves, so the gradients are
+    taken with respect to the non-contiguous tensors themselves) give the loss and every
+    gradient of contiguous copies, float32, rtol LAYOUT_RTOL (absolute floor LAYOUT_RTOL times
+    the largest entry)."""
+    case = CASES[name]
+    transform = LAYOUTS[layout]
+    student, teacher = case.make_inputs()
+    odd_s = [transform(x).detach() for x in student]
+    odd_t = [transform(x).detach() for x in teacher]
+    assert any(not x.is_contiguous() for x in odd_s + odd_t), "the layout transform changed nothing"
+    for a, b in zip(odd_s + odd_t, student + teacher):
+        assert torch.equal(a, b)
+
+    ref_loss, ref_grads = _run(case, case.build(), student, teacher)
+    # _run clones the student leaves; clone() keeps a dense layout but not a gapped view, so
+    # build the leaves here to keep them non-contiguous.
+    module = case.build()
+    s = [x.requires_grad_() for x in odd_s]
+    assert [x.stride() for x in s] == [x.stride() for x in odd_s]
+    loss = case.call(module, s, odd_t)
+    loss.backward()
+    grads = {f"student[{i}]": x.grad.double() for i, x in enumerate(s)}
+    grads.update({n: p.grad.double() for n, p in module.named_parameters()})
+    torch.testing.assert_close(loss.detach(), ref_loss, rtol=LAYOUT_RTOL, atol=0.0)
+    _assert_grads_close(grads, ref_grads, LAYOUT_RTOL, f"{name} {layout}")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. torch.compile
+# --------------------------------------------------------------------------------------------
+
+COMPILE_RTOL = 1e-4
+
+
+@pytest.fixture
+def fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _compile_inputs(seed: int, levels: int) -> tuple[list[Tensor], list[Tensor]]:
+    s, t = CASES["famkd"].make_inputs(seed)
+    return s[:levels] + s[2 : 2 + levels], t[:levels] + t[2 : 2 + levels]
+
+
+def _famkd_call(levels: int) -> Callable[[nn.Module, list[Tensor], list[Tensor]], Tensor]:
+    return lambda m, s, t: m(s[:levels], t[:levels], s[levels:], t[levels:])
+
+
+@pytest.mark.slow
+def test_compile_default_matches_eager(fresh_dynamo) -> None:
+    """``torch.compile(FAMKDLoss(...), fullgraph=True)`` (inductor), 2 levels with logits, default
+    options: loss, ``last_terms()`` and every gradient match eager (rtol COMPILE_RTOL), on two
+    calls with different values; the second call must not recompile."""
+    case = Case("famkd2", lambda: FAMKDLoss(S_CH, T_CH), _famkd_inputs, _famkd_call(2))
+    eager = case.build()
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    for call in range(2):
+        student, teacher = _compile_inputs(call, 2)
+        ref_loss, ref_grads = _run(case, eager, student, teacher)
+        ref_terms = eager.last_terms()
+        with torch._dynamo.config.patch(error_on_recompile=call > 0):
+            loss, grads = _run(case, compiled, student, teacher)
+        torch.testing.assert_close(loss, ref_loss, rtol=COMPILE_RTOL, atol=0.0)
+        _assert_grads_close(grads, ref_grads, COMPILE_RTOL, f"compiled FAMKD call {call}")
+        terms = compiled_module.last_terms()
+        assert terms.keys() == ref_terms.keys()
+        for key, v in terms.items():
+            torch.testing.assert_close(v, ref_terms[key], rtol=COMPILE_RTOL, atol=1e-7 * ref_loss.abs().item())
+        for p in list(eager.parameters()) + list(compiled_module.parameters()):
+            p.grad = None
+
+
+@pytest.mark.slow
+def test_compile_sample_mode_matches_eager(fresh_dynamo) -> None:
+    """``mask_mode="sample"`` with a seed under ``torch.compile(fullgraph=False)`` (inductor):
+    the seeded mask draws graph-break (a ``torch.Generator`` is opaque to dynamo) and run
+    eagerly, so the random stream is the eager one: three consecutive calls give the losses and
+    gradients of an eager module with the same seed and state_dict (rtol COMPILE_RTOL). One
+    level, to keep the many graph fragments cheap to compile."""
+
+    def factory() -> nn.Module:
+        return FAMKDLoss(S_CH[:1], T_CH[:1], mask_mode="sample", seed=MASK_SEED)
+
+    case = Case("famkd_sample", factory, _famkd_inputs, _famkd_call(1))
+    eager = case.build()
+    compiled_module = case.build(seed=PARAM_SEED + 1)
+    compiled_module.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_module, fullgraph=False)
+    student, teacher = _compile_inputs(0, 1)
+    losses = []
+    for call in range(3):
+        ref_loss, ref_grads = _run(case, eager, student, teacher)
+        loss, grads = _run(case, compiled, student, teacher)
+        assert torch.isfinite(loss)
+        torch.testing.assert_close(loss, ref_loss, rtol=COMPILE_RTOL, atol=0.0)
+        _assert_grads_close(grads, ref_grads, COMPILE_RTOL, f"compiled sample-mode FAMKD call {call}")
+        losses.append(loss.item())
+        for p in list(eager.parameters()) + list(compiled_module.parameters()):
+            p.grad = None
+    assert len(set(losses)) > 1, "the sample-mode masks did not change between calls"
+
+
+# --------------------------------------------------------------------------------------------
+# 5. DDP
+# --------------------------------------------------------------------------------------------
+#
+# Why two ranks with half a batch each reproduce one process on the whole batch: every part of
+# FAMKDLoss is a sum of per-image terms divided by the batch size N. The masks (top-k of the
+# teacher's attention) and the logits weights (softmax over the positions of one image) are
+# computed per image, so an image's term does not depend on the other images of its batch;
+# the feature loss is sum(...)/N and the logits loss sum(W*KL)/(N*P). So with N = 4 split as
+# 2 + 2, L_full = (L_rank0 + L_rank1) / 2, and DDP's gradient all-reduce averages the ranks'
+# gradients, which gives exactly d L_full. (A batch statistic such as PKD's would break this.)
+
+DDP_TIMEOUT_S = 120.0
+DDP_BATCH = 4
+DDP_STEPS = 2  # the second step also proves that every parameter took part (DDP checks it)
+
+
+class _Student(nn.Module):
+    """A student conv producing two FPN-like levels, and a shared 1x1 logits head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, S_CH[0], 3, padding=1)
+        self.head = nn.Conv2d(S_CH[0], LOGIT_CH, 1)
+
+    def forward(self, img: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        f0 = self.stem(img)
+        f1 = F.max_pool2d(f0, 2)
+        return [f0, f1], [self.head(f0), self.head(f1)]
+
+
+class _Distiller(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.student = _Student()
+        self.distill = FAMKDLoss([S_CH[0], S_CH[0]], T_CH)
+
+    def forward(self, img: Tensor, t_feats: list[Tensor], t_logits: list[Tensor]) -> Tensor:
+        s_feats, s_logits = self.student(img)
+        return self.distill(s_feats, t_feats, s_logits, t_logits)
+
+
+def _ddp_data() -> dict:
+    torch.manual_seed(PARAM_SEED)
+    model = _Distiller().double()
+    g = torch.Generator().manual_seed(7)
+    h, w = SIZES[0]
+    return {
+        "state": model.state_dict(),
+        "img": torch.randn(DDP_BATCH, 3, h, w, generator=g, dtype=torch.float64),
+        "t_feats": [torch.randn(DDP_BATCH, c, *hw, generator=g, dtype=torch.float64) for c, hw in zip(T_CH, SIZES)],
+        "t_logits": [2 * torch.randn(DDP_BATCH, LOGIT_CH, *hw, generator=g, dtype=torch.float64) for hw in SIZES],
+    }
+
+
+def _train(model: nn.Module, params_of: nn.Module, data: dict, rows: slice) -> list[dict]:
+    """DDP_STEPS SGD steps on ``data[rows]``; each step's loss and parameter gradients."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    out = []
+    for _ in range(DDP_STEPS):
+        opt.zero_grad()
+        loss = model(data["img"][rows], [t[rows] for t in data["t_feats"]], [z[rows] for z in data["t_logits"]])
+        loss.backward()
+        grads = {}
+        for name, p in params_of.named_parameters():
+            assert p.grad is not None, f"no gradient for {name}"
+            grads[name] = p.grad.detach().clone()
+        out.append({"loss": loss.detach().clone(), "grads": grads})
+        opt.step()
+    return out
+
+
+def _ddp_worker(rank: int, world_size: int, tmp_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    tmp = Path(tmp_dir)
+    dist.init_process_group(
+        "gloo",
+        init_method=(tmp / "rendezvous").as_uri(),
+        rank=rank,
+        world_size=world_size,
+        timeout=timedelta(seconds=60),
+    )
+    try:
+        data = torch.load(tmp / "data.pt")
+        model = _Distiller().double()
+        model.load_state_dict(data["state"])
+        ddp = DistributedDataParallel(model)
+        per_rank = DDP_BATCH // world_size
+        result = _train(ddp, model, data, slice(rank * per_rank, (rank + 1) * per_rank))
+        torch.save(result, tmp / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
+    """Two gloo ranks on CPU, each with half of a batch of 4, float64: after backward every
+    gradient (student conv and head; align convs, generators and fusion_logits of the loss)
+    equals the single-process gradient on the whole batch (rtol 1e-5), over two SGD steps; the
+    mean of the ranks' losses is the whole-batch loss."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available in this build")
+    if not dist.is_gloo_available():
+        pytest.skip("the gloo backend is not available in this build")
+    import torch.multiprocessing as mp
+
+    data = _ddp_data()
+    torch.save(data, tmp_path / "data.pt")
+    ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + DDP_TIMEOUT_S
+    try:
+        while not ctx.join(timeout=2):  # raises ProcessRaisedException with the rank's traceback
+            if time.monotonic() > deadline:
+                pytest.fail(f"DDP ranks did not finish within {DDP_TIMEOUT_S:.0f} s")
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.terminate()
+                p.join(5)
+
+    model = _Distiller().double()
+    model.load_state_dict(data["state"])
+    ref = _train(model, model, data, slice(0, DDP_BATCH))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    names = {name for name, _ in model.named_parameters()}
+    assert any(n.startswith("distill.") for n in names) and any(n.startswith("student.") for n in names)
+    for step in range(DDP_STEPS):
+        mean_loss = (ranks[0][step]["loss"] + ranks[1][step]["loss"]) / 2
+        torch.testing.assert_close(mean_loss, ref[step]["loss"], rtol=1e-6, atol=0.0)
+        for r in range(2):
+            got = ranks[r][step]["grads"]
+            assert got.keys() == ref[step]["grads"].keys() == names
+            for name, g in got.items():
+                want = ref[step]["grads"][name]
+                torch.testing.assert_close(
+                    g,
+                    want,
+                    rtol=1e-5,
+                    atol=1e-8 * want.abs().max().item(),
+                    msg=lambda m, n=name, r=r, s=step: f"step {s} rank {r} {n}: {m}",
+                )
+
+
+# --------------------------------------------------------------------------------------------
+# 6. deepcopy, pickle, state_dict, .to(dtype) (float64 included)
+# --------------------------------------------------------------------------------------------
+
+COPY_CASES = [*MAIN_CASES, "famkd_sample", "famkd_random"]
+
+
+def _losses(case: Case, module: nn.Module, student: list[Tensor], teacher: list[Tensor], calls: int = 2) -> Tensor:
+    with torch.no_grad():
+        return torch.stack([case.call(module, student, teacher) for _ in range(calls)])
+
+
+@pytest.mark.parametrize("name", COPY_CASES)
+def test_deepcopy_and_pickle(name: str) -> None:
+    """A deepcopy and a pickle round trip of a fresh module (seeded where random) give the same
+    losses as the original on two consecutive calls: same parameters, same mask streams."""
+    case = CASES[name]
+    student, teacher = case.make_inputs()
+    module = case.build()
+    copied = copy.deepcopy(module)
+    unpickled = pickle.loads(pickle.dumps(module))
+    want = _losses(case, module, student, teacher)
+    assert torch.isfinite(want).all()
+    for other, how in ((copied, "deepcopy"), (unpickled, "pickle")):
+        assert type(other) is type(module)
+        for (n1, p1), (n2, p2) in zip(module.named_parameters(), other.named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2) and p1.data_ptr() != p2.data_ptr()
+        torch.testing.assert_close(_losses(case, other, student, teacher), want, rtol=0.0, atol=0.0, msg=how)
+
+
+@pytest.mark.parametrize("name", COPY_CASES)
+def test_state_dict_round_trip(name: str) -> None:
+    """A module built from another parameter seed and given the state_dict computes the same losses."""
+    case = CASES[name]
+    student, teacher = case.make_inputs()
+    module = case.build()
+    state = module.state_dict()
+    other = case.build(seed=PARAM_SEED + 1)
+    if len(state) > 0:  # differently initialised parameters must give another loss first
+        assert not torch.equal(_losses(case, other, student, teacher, 1), _losses(case, module, student, teacher, 1))
+        module, other = case.build(), case.build(seed=PARAM_SEED + 1)  # fresh mask streams again
+    other.load_state_dict(state)
+    assert other.state_dict().keys() == state.keys()
+    torch.testing.assert_close(
+        _losses(case, other, student, teacher), _losses(case, module, student, teacher), rtol=0.0, atol=0.0
+    )
+
+
+_DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}
+
+
+def _dtype_params() -> list:
+    out = []
+    for name in MAIN_CASES:
+        for m, i in [(m, i) for m in _DTYPES for i in _DTYPES]:
+            out.append(pytest.param(name, m, i, id=f"{name}-module_{m}-inputs_{i}"))
+    return out
+
+
+@pytest.mark.parametrize(("name", "module_dtype", "input_dtype"), _dtype_params())
+def test_module_and_input_dtypes(name: str, module_dtype: str, input_dtype: str) -> None:
+    """``module.to(dtype)`` for float32/float64/bfloat16 against inputs of each of these dtypes:
+    inputs are cast to the layers' dtype (README), so every pair works.
+
+    The loss dtype, as the README documents it (half/bfloat16 reduced in float32, float64
+    stays float64): float64 where float64 takes part (float64 inputs, or float64 parameters),
+    else float32. Observed: exactly that for every module (a float64 module of a loss without
+    parameters returns float32 for float32 inputs: nothing in it is float64). The value is the
+    float32 computation on the same rounded inputs and parameters within 1e-4, or LOW_RTOL
+    when a bfloat16 module runs its layers in bfloat16; parameter gradients come back in the
+    parameters' dtype, finite and aligned with float32's.
+    """
+    case = CASES[name]
+    m_dtype, i_dtype = _DTYPES[module_dtype], _DTYPES[input_dtype]
+    student, teacher = case.make_inputs()
+    s = [x.to(i_dtype) for x in student]
+    t = [x.to(i_dtype) for x in teacher]
+    module = case.build().to(m_dtype)
+    assert all(p.dtype == m_dtype for p in module.parameters())
+    ref_loss, ref_grads = _run(case, case.build().to(m_dtype).float(), [x.float() for x in s], [x.float() for x in t])
+    loss, grads = _run(case, module, s, t)
+    has_f64 = i_dtype == torch.float64 or any(p.dtype == torch.float64 for p in module.parameters())
+    expected = torch.float64 if has_f64 else torch.float32
+    assert loss.dtype == expected, f"{name}: {module_dtype} module, {input_dtype} inputs -> {loss.dtype}"
+    assert torch.isfinite(loss)
+    low = m_dtype == torch.bfloat16 and any(True for _ in module.parameters())
+    torch.testing.assert_close(loss.double(), ref_loss.double(), rtol=LOW_RTOL if low else 1e-4, atol=0.0)
+    for pname, p in module.named_parameters():
+        assert p.grad is not None and p.grad.dtype == m_dtype, pname
+    _assert_grads_aligned(grads, ref_grads, f"{name} {module_dtype} module, {input_dtype} inputs")
