@@ -1395,7 +1395,7 @@ def test_nan_logits_at_zero_weight_all_zero(head: str, value: float) -> None:
     zs, zt = rnd(N, 3, 4, 4), poison(rnd(N, 3, 4, 4, seed=1), (0, 1, 2, 3), value)
     d = position_prob_diff(zs, zt, head=head)
     assert guidance_weights(d, "mask", ratio=0.0).abs().sum() == 0
-    assert_not_finite(MaskedLogitsLoss(head=head, weights="mask", ratio_l=0.0)(zs, zt))
+    assert_not_finite(MaskedLogitsLoss(head=head, weights="mask", ratio_l=0.0, num_classes=3)(zs, zt))
 
 
 @pytest.mark.parametrize("value", [pytest.param(INF, id="+inf"), pytest.param(-INF, id="-inf")])
@@ -1424,7 +1424,8 @@ def test_nan_logits_feature_guidance_teacher_feature(weights: str, value: float)
 @pytest.mark.parametrize("head", ["sigmoid", "softmax"])
 def test_nan_logits_soft(head: str, region_scales, value: float) -> None:
     zs, zt = ZS, at(ZT, 2, poison(ZT[2], (1, 0, 1, 0), value))
-    assert_not_finite(MaskedLogitsLoss(head=head, region_scales=region_scales)(zs, zt))
+    loss_fn = MaskedLogitsLoss(head=head, region_scales=region_scales, num_classes=ZS[0].shape[1])
+    assert_not_finite(loss_fn(zs, zt))
 
 
 @pytest.mark.parametrize("value", BAD_VALUES)

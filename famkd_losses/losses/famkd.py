@@ -22,8 +22,8 @@ class FAMKDLoss(DistillationLoss):
     ``loss = sum_l ScaleAwareMaskedFeatureLoss_l(S_l, T_l) + MaskedLogitsLoss(Z_S, Z_T)``
 
     Args:
-        student_channels: Cs per level, e.g. ``[128] * 5``.
-        teacher_channels: Ct per level, e.g. ``[256] * 5``.
+        student_channels: Cs per level, e.g. ``[128] * 5`` (an int: one level).
+        teacher_channels: Ct per level, e.g. ``[256] * 5`` (an int: one level).
         scales, mask_mode, ratio_sp, ratio_ch, tau, branches, weighting, scale_weights, alpha,
         share_generators, resize_student: passed to every
             :class:`ScaleAwareMaskedFeatureLoss` (see there).
@@ -34,15 +34,18 @@ class FAMKDLoss(DistillationLoss):
             ``T_l``, so logits and features must come in the same number of levels.
         backend: ``"auto"`` or ``"torch"``.
 
-    ``forward(s_feats, t_feats, s_logits=None, t_logits=None)``: features as sequences of
-    (N, C_l, H_l, W_l) maps; logits optional (feature-only distillation when both are
-    ``None``). Returns a float32 scalar; :meth:`last_terms` gives its parts.
+    ``forward(s_feats, t_feats, s_logits=None, t_logits=None)``: features as sequences (or
+    mappings, such as torchvision's FPN output) of (N, C_l, H_l, W_l) maps; logits optional
+    (feature-only distillation when both are ``None``). Returns a float32 scalar (float64 for
+    float64 inputs). :meth:`last_terms` gives its parts: ``"total"``, ``"feature"``,
+    ``"feature/level{l}"``, ``"feature/level{l}/scale{s}"`` (the contribution of each scale
+    used) and, with logits, ``"logits"`` and ``"logits/level{l}"``.
     """
 
     def __init__(
         self,
-        student_channels: Sequence[int],
-        teacher_channels: Sequence[int],
+        student_channels: Sequence[int] | int,
+        teacher_channels: Sequence[int] | int,
         *,
         scales: Sequence[int] = (1, 2, 4),
         mask_mode: str = "topk",
@@ -68,6 +71,8 @@ class FAMKDLoss(DistillationLoss):
         backend: str = "auto",
     ) -> None:
         super().__init__()
+        if isinstance(student_channels, int) and isinstance(teacher_channels, int):
+            student_channels, teacher_channels = [student_channels], [teacher_channels]  # one level
         s_ch = check_channel_list("student_channels", student_channels)
         t_ch = check_channel_list("teacher_channels", teacher_channels)
         if len(s_ch) != len(t_ch):
@@ -109,7 +114,6 @@ class FAMKDLoss(DistillationLoss):
             num_classes=num_classes,
             backend=backend,
         )
-        self._last_terms: dict[str, Tensor] = {}
 
     @property
     def num_levels(self) -> int:
@@ -168,18 +172,9 @@ class FAMKDLoss(DistillationLoss):
                 terms[f"logits/level{level}"] = v
             terms["logits"] = logits_value.detach()
             total = total + logits_value
-        terms["total"] = total.detach()
-        self._last_terms = terms
+        terms["total"] = total
+        self._record(terms)
         return total
-
-    def last_terms(self) -> dict[str, Tensor]:
-        """The parts of the last call, detached float32 scalars.
-
-        Keys: ``"total"``, ``"feature"``, ``"feature/level{l}"``, ``"feature/level{l}/scale{s}"``
-        (the contribution of each scale used), and with logits ``"logits"`` and
-        ``"logits/level{l}"``.
-        """
-        return dict(self._last_terms)
 
     @torch.no_grad()
     def fusion_weights(self) -> list[Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -71,7 +72,8 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         backend: ``"auto"`` or ``"torch"``.
 
     Shapes: student (N, Cs, H, W), teacher (N, Ct, H, W) (detached here). Returns a float32
-    scalar. After a call, :attr:`last_scale_terms` maps each scale used to its contribution.
+    scalar (float64 for float64 inputs). After a call, :meth:`last_terms` gives ``"total"`` and
+    ``"scale{s}"``, the contribution of each scale used.
 
     Masks and attention carry no gradient; gradients reach the student, the align conv, the
     generators and the fusion weights. A NaN/Inf in the teacher propagates into the loss
@@ -198,6 +200,13 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             term = (self.alpha * self.scale_weights[i]) * reconstruction_error(recon, t_s, weight)
             terms[s] = term
             total = total + term
+        if not terms:
+            warnings.warn(
+                f"no scale of {self.scales} fits a {h}x{w} map: this level contributes nothing "
+                "(add scale 1 to distil it)",
+                UserWarning,
+                stacklevel=2,
+            )
         if 1 not in terms:
             # The teacher was only seen through max-pooling (which drops a -inf) or not at all
             # (every scale larger than the map): keep NaN/Inf in it visible in the loss, and
@@ -210,4 +219,5 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         """student (N, Cs, H, W), teacher (N, Ct, H, W) -> float32 scalar."""
         x = self.aligned_student(s_feat, t_feat)
         loss, self.last_scale_terms = self.reconstruction_loss(x, t_feat)
+        self._record({"total": loss, **{f"scale{s}": v for s, v in self.last_scale_terms.items()}})
         return loss

@@ -168,7 +168,8 @@ class FGDLoss(DistillationLoss):
 
     def _level(
         self, s: Tensor, t: Tensor, boxes: Sequence[Tensor], image_size: Sequence[int], level: int | None
-    ) -> Tensor:
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """One level: the loss and its weighted parts ``fg``, ``bg``, ``attention``, ``global``."""
         s = align_student(self, s, t, level)
         t = t.detach()
         n, _, h, w = t.shape
@@ -190,7 +191,13 @@ class FGDLoss(DistillationLoss):
             )
             / n
         )
-        return self.alpha * fg_loss + self.beta * bg_loss + self.gamma * at_loss + self.lam * global_loss
+        parts = {
+            "fg": self.alpha * fg_loss,
+            "bg": self.beta * bg_loss,
+            "attention": self.gamma * at_loss,
+            "global": self.lam * global_loss,
+        }
+        return parts["fg"] + parts["bg"] + parts["attention"] + parts["global"], parts
 
     def forward(
         self,
@@ -207,14 +214,19 @@ class FGDLoss(DistillationLoss):
                     f"got {type(s_feats).__name__} and {type(t_feats).__name__} (build it with sequences of "
                     "channels for several levels)"
                 )
-            return self._level(s_feats, t_feats, boxes, image_size, None)
+            loss, parts = self._level(s_feats, t_feats, boxes, image_size, None)
+            self._record({"total": loss, **parts})
+            return loss
         s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
         if len(s_list) != len(self.levels):
             raise ValueError(f"s_feats has {len(s_list)} levels but this loss was built for {len(self.levels)}")
         total = None
+        terms: dict[str, Tensor] = {}
         for i, (mod, s, t) in enumerate(zip(self.levels, s_list, t_list)):
-            v = mod._level(s, t, boxes, image_size, i)
+            v, parts = mod._level(s, t, boxes, image_size, i)
             check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
             total = v if total is None else total + v
+            terms.update({f"level{i}/{k}": p for k, p in parts.items()})
         assert total is not None
+        self._record({"total": total, **terms})
         return total

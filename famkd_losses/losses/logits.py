@@ -20,6 +20,7 @@ from .._validation import (
     check_same_device,
     check_scales,
     check_tensor,
+    warn_if_swapped,
 )
 from ..functional import (
     HEADS,
@@ -62,12 +63,17 @@ class MaskedLogitsLoss(DistillationLoss):
         tau_w: temperature of the soft weights (our reading: 0.1, since ``|p - q|`` is in [0, 1]).
         ratio_l: fraction of positions kept by the mask weights, in [0, 1).
         beta: overall weight.
-        num_classes: K, to split dense channels ``A*K`` into anchors and classes (needed by the
-            softmax head when A > 1); ``None`` means one anchor.
+        num_classes: K, to split dense channels ``A*K`` into anchors and classes. Required by
+            the softmax head on dense logits; the sigmoid head sums over anchors and classes
+            alike, so it only checks that the channels are a multiple of K.
         backend: ``"auto"`` or ``"torch"``.
 
-    Inputs: one level or a sequence of levels, each dense ``(N, A*K, H, W)`` or flattened
-    ``(N, P, K)``; student and teacher of the same shape. With feature guidance, features
+    Inputs: one level or a sequence (or mapping) of levels, each dense ``(N, A*K, H, W)`` or
+    flattened ``(N, P, K)``; student and teacher of the same shape. In the dense layout a
+    position is a grid cell (its KL sums the A anchors, P = H*W); in the flattened layout a
+    position is a row (P rows), so flattening a head with A anchors per cell into
+    ``(N, H*W*A, K)`` weighs and normalises per anchor and gives about ``1/A`` of the dense
+    value: scale ``beta`` by A to carry a dense setting over. With feature guidance, features
     ``(N, C, H_f, W_f)`` per level: ``(H_f, W_f)`` equal to the dense logits' ``(H, W)``, or
     ``P`` a multiple ``A`` of ``H_f * W_f`` for flattened logits ordered (h, w, a) as
     torchvision and mmdetection flatten them.
@@ -119,6 +125,12 @@ class MaskedLogitsLoss(DistillationLoss):
         check_same_device([("student logits", s), ("teacher logits", t)], level)
         if s.shape != t.shape:
             raise ValueError(f"logits shapes differ{where}: student {tuple(s.shape)}, teacher {tuple(t.shape)}")
+        warn_if_swapped("student logits", s, "teacher logits", t)
+        if s.dim() == 4 and self.head == "softmax" and self.num_classes is None:
+            raise ValueError(
+                f"head='softmax' with dense logits{where} {tuple(s.shape)} needs num_classes=K to split the "
+                f"{s.shape[1]} channels into anchors and classes (num_classes={s.shape[1]} if there is one anchor)"
+            )
         if s.dim() == 4 and self.num_classes is not None and s.shape[1] % self.num_classes != 0:
             raise ValueError(
                 f"dense logits{where} have {s.shape[1]} channels, not a multiple of num_classes={self.num_classes}"
@@ -219,4 +231,6 @@ class MaskedLogitsLoss(DistillationLoss):
         assert total is not None and n0 is not None
         scale = self.beta * self.temperature**2 / (n0 * positions)
         self.last_level_terms = [(scale * term).detach() for term in terms]
-        return scale * total
+        loss = scale * total
+        self._record({"total": loss, **{f"level{i}": v for i, v in enumerate(self.last_level_terms)}})
+        return loss

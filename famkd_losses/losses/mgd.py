@@ -133,14 +133,19 @@ class MGDLoss(DistillationLoss):
                     f"got {type(s_feats).__name__} and {type(t_feats).__name__} (build it with sequences of "
                     "channels for several levels)"
                 )
-            return self._level(s_feats, t_feats, None)
+            loss = self._level(s_feats, t_feats, None)
+            self._record({"total": loss})
+            return loss
         s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
         if len(s_list) != len(self.levels):
             raise ValueError(f"s_feats has {len(s_list)} levels but this loss was built for {len(self.levels)}")
         total = None
+        terms: dict[str, Tensor] = {}
         for i, (mod, s, t) in enumerate(zip(self.levels, s_list, t_list)):
             v = mod._level(s, t, i)
             check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
             total = v if total is None else total + v
+            terms[f"level{i}"] = v
         assert total is not None
+        self._record({"total": total, **terms})
         return total
