@@ -8,6 +8,7 @@ or eagerly, or in one process), with the tolerance stated where it is used.
 from __future__ import annotations
 
 import copy
+import os
 import pickle
 import time
 from contextlib import nullcontext
@@ -484,6 +485,8 @@ def _ddp_worker(rank: int, world_size: int, tmp_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     torch.set_num_threads(1)
+    # keep gloo's sockets on the loopback interface (no hostname lookup, nothing leaves the machine)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     tmp = Path(tmp_dir)
     dist.init_process_group(
         "gloo",
