@@ -11,11 +11,11 @@ import copy
 import os
 import pickle
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable
 
 import pytest
 import torch
