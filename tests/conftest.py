@@ -7,6 +7,12 @@ import os
 import torch
 from hypothesis import HealthCheck, settings
 
+# Triton kernels are tested on CPU tensors in Triton's interpreter where there is no GPU; the
+# variable must be set before anything imports triton (torch.compile does; importing torch
+# does not).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # The tests run tiny ops: one intra-op thread avoids thread-barrier stalls on a busy 2-core machine.
 torch.set_num_threads(1)
 
