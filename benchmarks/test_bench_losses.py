@@ -1,0 +1,169 @@
+"""Speed, memory and achieved bandwidth of the losses, per provider:
+
+- ``eager``: the PyTorch reference (``backend="torch"``);
+- ``compile``: ``torch.compile`` of the same module;
+- ``triton``: the fused kernels (``backend="triton"``), where they can run;
+- peers as users run them today: MGD and FGD (eager and compiled), liger-kernel's KL where
+  importable.
+
+Workloads: ``famkd_feature_nogen`` (the feature part with its generator convs replaced by
+identities: masks, pyramid, fusion, error and reduction, the memory-bound part),
+``famkd_full`` (everything, logits included), ``logits`` (MaskedLogitsLoss), ``mgd``, ``fgd``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from cases import case_by_name
+from torch import nn
+
+from famkd_losses import FAMKDLoss, FGDLoss, MaskedLogitsLoss, MGDLoss
+from famkd_losses._backend import BACKENDS
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Peak DRAM bandwidth (bytes/s) of the devices we run on, for the achieved fraction.
+PEAK_BANDWIDTH = {"H100 80GB HBM3": 3.35e12, "H100 PCIe": 2.0e12, "H200": 4.8e12}
+
+
+def _peak_bandwidth(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BANDWIDTH.items() if k in name), None)
+
+
+def _inputs(case, device, dtype, grad: bool, logits: bool, same_channels: bool = False):
+    g = torch.Generator().manual_seed(0)
+    cs = case.teacher_channels if same_channels else case.student_channels
+
+    def mk(c, h, w, req):
+        return torch.randn(case.batch, c, h, w, generator=g).to(device=device, dtype=dtype).requires_grad_(req)
+
+    s = [mk(cs, h, w, grad) for h, w in case.levels]
+    t = [mk(case.teacher_channels, h, w, False) for h, w in case.levels]
+    zs = [mk(case.logit_channels, h, w, grad) for h, w in case.levels] if logits else None
+    zt = [mk(case.logit_channels, h, w, False) for h, w in case.levels] if logits else None
+    return s, t, zs, zt
+
+
+def _bytes(tensors, grads) -> int:
+    read = sum(x.numel() * x.element_size() for x in tensors if x is not None)
+    written = sum(x.numel() * x.element_size() for x in grads if x is not None)
+    return read, written
+
+
+def _strip_generators(kd: FAMKDLoss) -> FAMKDLoss:
+    for fl in kd.feature_losses:
+        for name in list(fl.generators):
+            fl.generators[name] = nn.ModuleList(nn.Identity() for _ in fl.generators[name])
+    return kd
+
+
+def _build(workload: str, case, provider: str):
+    backend = "triton" if provider == "triton" else "torch"
+    if provider == "triton" and "triton" not in BACKENDS:
+        pytest.skip("the triton backend is not available in this build of famkd_losses")
+    if workload == "famkd_feature_nogen":
+        mod = _strip_generators(
+            FAMKDLoss(
+                [case.student_channels] * len(case.levels), [case.teacher_channels] * len(case.levels), backend=backend
+            )
+        )
+    elif workload == "famkd_full":
+        mod = FAMKDLoss(
+            [case.student_channels] * len(case.levels),
+            [case.teacher_channels] * len(case.levels),
+            num_classes=case.num_classes,
+            backend=backend,
+        )
+    elif workload == "logits":
+        mod = MaskedLogitsLoss(num_classes=case.num_classes, backend=backend)
+    elif workload == "mgd":
+        mod = MGDLoss([case.student_channels] * len(case.levels), [case.teacher_channels] * len(case.levels), seed=0)
+    elif workload == "fgd":
+        mod = FGDLoss([case.student_channels] * len(case.levels), [case.teacher_channels] * len(case.levels))
+    else:
+        raise ValueError(workload)
+    return mod
+
+
+def _call(workload, mod, s, t, zs, zt, case):
+    if workload == "logits":
+        return mod(zs, zt)
+    if workload == "famkd_full":
+        return mod(s, t, zs, zt)
+    if workload == "fgd":
+        h, w = case.levels[0]
+        boxes = [torch.tensor([[8.0, 8.0, 8.0 * w / 2, 8.0 * h / 2]], device=s[0].device)] * case.batch
+        return mod(s, t, boxes, (8 * h, 8 * w))
+    return mod(s, t)
+
+
+WORKLOADS = {
+    "famkd_feature_nogen": ("eager", "compile", "triton"),
+    "famkd_full": ("eager", "compile", "triton"),
+    "logits": ("eager", "compile", "triton"),
+    "mgd": ("eager", "compile"),
+    "fgd": ("eager", "compile"),
+}
+PARAMS = [(w, p) for w, provs in WORKLOADS.items() for p in provs]
+
+
+@pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
+@pytest.mark.parametrize(("workload", "provider"), PARAMS, ids=[f"{w}-{p}" for w, p in PARAMS])
+def test_loss_speed(benchmark, record, device, case_name, dtype_name, workload, provider, pass_):
+    case = case_by_name(case_name)
+    if device.type == "cpu":
+        case = case.scaled(spatial=4, channels=4)
+    dtype = DTYPES[dtype_name]
+    mod = _build(workload, case, provider).to(device)
+    fn = torch.compile(mod) if provider == "compile" else mod
+    grad = pass_ == "fwd_bwd"
+    logits = workload in ("logits", "famkd_full")
+    s, t, zs, zt = _inputs(case, device, dtype, grad, logits)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    leaves = [*s, *(zs or []), *mod.parameters()]
+
+    def run():
+        for x in leaves:
+            x.grad = None
+        with autocast:
+            loss = _call(workload, fn, s, t, zs, zt, case)
+        if grad:
+            loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return loss
+
+    run()  # warm-up (and compile)
+    peak = None
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        peak = torch.cuda.max_memory_allocated(device) - base
+    rounds = 20 if device.type == "cuda" else 3
+    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    median = benchmark.stats.stats.median
+    read, written = _bytes([*s, *t, *(zs or []), *(zt or [])], [*s, *(zs or [])] if grad else [])
+    moved = read * (2 if grad else 1) + written
+    peak_bw = _peak_bandwidth(device)
+    record(
+        {
+            "workload": workload,
+            "provider": provider,
+            "case": case_name,
+            "shapes": str(case.levels),
+            "batch": case.batch,
+            "channels": f"{case.student_channels}->{case.teacher_channels}",
+            "logit_channels": case.logit_channels if logits else None,
+            "dtype": dtype_name,
+            "pass": pass_,
+            "median_ms": median * 1e3,
+            "peak_mem_mb": None if peak is None else peak / 2**20,
+            "min_bytes_moved_mb": moved / 2**20,
+            "achieved_gbps": moved / median / 1e9,
+            "fraction_of_peak_bw": None if peak_bw is None else moved / median / peak_bw,
+        }
+    )
