@@ -10,6 +10,7 @@ docstring says float32, read "float32, or float64 for float64 inputs".
 """
 
 from .attention import (
+    attention_from_saliency,
     channel_attention,
     channel_saliency,
     spatial_attention,
@@ -31,6 +32,7 @@ from .masks import (
     bernoulli_mask,
     box_masks,
     channel_mask,
+    mask_from_saliency,
     num_masked,
     select_mask,
     selection_keys,
@@ -38,7 +40,7 @@ from .masks import (
     topk_mask,
 )
 from .normalization import channel_wise_divergence, pearson_loss, standardize_channels
-from .pyramid import active_scales, blockwise_upsample, max_pool, maxpool_pyramid
+from .pyramid import active_scales, blockwise_upsample, max_pool, maxpool_pyramid, teacher_pyramid
 from .reconstruction import (
     fuse_reconstructions,
     fusion_weights,
@@ -51,6 +53,7 @@ __all__ = [
     "MASK_MODES",
     "WEIGHT_MODES",
     "active_scales",
+    "attention_from_saliency",
     "bernoulli_mask",
     "binary_kl",
     "blockwise_upsample",
@@ -63,6 +66,7 @@ __all__ = [
     "fuse_reconstructions",
     "fusion_weights",
     "guidance_weights",
+    "mask_from_saliency",
     "mask_weights",
     "max_pool",
     "maxpool_pyramid",
@@ -82,6 +86,7 @@ __all__ = [
     "squared_error_sum",
     "standardize_channels",
     "teacher_attention",
+    "teacher_pyramid",
     "to_positions",
     "topk_mask",
     "weighted_kl_sum",

@@ -11,6 +11,7 @@ from torch import Tensor
 from ._dtypes import acc
 
 __all__ = [
+    "attention_from_saliency",
     "spatial_saliency",
     "channel_saliency",
     "spatial_attention",
@@ -29,24 +30,25 @@ def channel_saliency(feat: Tensor) -> Tensor:
     return acc(feat).abs().mean(dim=(2, 3), keepdim=True)
 
 
-def spatial_attention(feat: Tensor, tau: float) -> Tensor:
-    """``H*W * softmax_{h,w}(mean_c |feat| / tau)`` per image: (N, C, H, W) -> (N, 1, H, W).
+def attention_from_saliency(saliency: Tensor, tau: float) -> Tensor:
+    """``count * softmax(saliency / tau)`` over each image's entries, same shape as ``saliency``.
 
-    Its mean over positions is exactly 1 (up to rounding).
+    (N, 1, H, W) spatial saliency -> spatial attention; (N, C, 1, 1) channel saliency ->
+    channel attention. The mean over each image's entries is exactly 1 (up to rounding).
     """
-    n, _, h, w = feat.shape
-    logits = spatial_saliency(feat).reshape(n, h * w) / tau
-    return (h * w * torch.softmax(logits, dim=1)).reshape(n, 1, h, w)
+    n = saliency.shape[0]
+    flat = saliency.reshape(n, -1)
+    return (flat.shape[1] * torch.softmax(flat / tau, dim=1)).reshape(saliency.shape)
+
+
+def spatial_attention(feat: Tensor, tau: float) -> Tensor:
+    """``H*W * softmax_{h,w}(mean_c |feat| / tau)`` per image: (N, C, H, W) -> (N, 1, H, W)."""
+    return attention_from_saliency(spatial_saliency(feat), tau)
 
 
 def channel_attention(feat: Tensor, tau: float) -> Tensor:
-    """``C * softmax_c(mean_{h,w} |feat| / tau)`` per image: (N, C, H, W) -> (N, C, 1, 1).
-
-    Its mean over channels is exactly 1 (up to rounding).
-    """
-    n, c = feat.shape[:2]
-    logits = channel_saliency(feat).reshape(n, c) / tau
-    return (c * torch.softmax(logits, dim=1)).reshape(n, c, 1, 1)
+    """``C * softmax_c(mean_{h,w} |feat| / tau)`` per image: (N, C, H, W) -> (N, C, 1, 1)."""
+    return attention_from_saliency(channel_saliency(feat), tau)
 
 
 def teacher_attention(feat: Tensor, tau: float) -> tuple[Tensor, Tensor]:

@@ -22,6 +22,7 @@ __all__ = [
     "topk_mask",
     "selection_keys",
     "select_mask",
+    "mask_from_saliency",
     "spatial_mask",
     "channel_mask",
     "bernoulli_mask",
@@ -90,25 +91,27 @@ def select_mask(
     return topk_mask(keys, ratio, largest=largest)
 
 
+def mask_from_saliency(
+    saliency: Tensor, ratio: float, mode: str = "topk", tau: float = 0.5, generator: torch.Generator | None = None
+) -> Tensor:
+    """Mask ranked on a saliency map, same shape: (N, 1, H, W) hides positions, (N, C, 1, 1)
+    hides channels. float32. Softmax is monotonic, so ranking the saliency ranks the attention."""
+    n = saliency.shape[0]
+    return select_mask(saliency.reshape(n, -1), ratio, mode, tau, generator).reshape(saliency.shape)
+
+
 def spatial_mask(
     feat: Tensor, ratio: float, mode: str = "topk", tau: float = 0.5, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Spatial mask ranked on ``mean_c |feat|``: (N, C, H, W) -> float32 (N, 1, H, W).
-
-    Softmax is monotonic, so ranking the saliency ranks the spatial attention.
-    """
-    n, _, h, w = feat.shape
-    scores = spatial_saliency(feat).reshape(n, h * w)
-    return select_mask(scores, ratio, mode, tau, generator).reshape(n, 1, h, w)
+    """Spatial mask ranked on ``mean_c |feat|``: (N, C, H, W) -> float32 (N, 1, H, W)."""
+    return mask_from_saliency(spatial_saliency(feat), ratio, mode, tau, generator)
 
 
 def channel_mask(
     feat: Tensor, ratio: float, mode: str = "topk", tau: float = 0.5, generator: torch.Generator | None = None
 ) -> Tensor:
     """Channel mask ranked on ``mean_{h,w} |feat|``: (N, C, H, W) -> float32 (N, C, 1, 1)."""
-    n, c = feat.shape[:2]
-    scores = channel_saliency(feat).reshape(n, c)
-    return select_mask(scores, ratio, mode, tau, generator).reshape(n, c, 1, 1)
+    return mask_from_saliency(channel_saliency(feat), ratio, mode, tau, generator)
 
 
 def bernoulli_mask(

@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["active_scales", "max_pool", "maxpool_pyramid", "blockwise_upsample"]
+from .attention import channel_saliency, spatial_saliency
+
+__all__ = ["active_scales", "max_pool", "maxpool_pyramid", "teacher_pyramid", "blockwise_upsample"]
 
 
 def active_scales(height: int, width: int, scales: Sequence[int]) -> tuple[int, ...]:
@@ -31,6 +33,17 @@ def max_pool(x: Tensor, scale: int) -> Tensor:
 def maxpool_pyramid(x: Tensor, scales: Sequence[int]) -> list[tuple[int, Tensor]]:
     """``[(s, max_pool(x, s)) for each active scale s]`` of an (N, C, H, W) map."""
     return [(s, max_pool(x, s)) for s in active_scales(x.shape[-2], x.shape[-1], scales)]
+
+
+def teacher_pyramid(t: Tensor, scales: Sequence[int]) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """The teacher's statistics at each of ``scales`` (all must fit the map): for each scale
+    ``(t_s, spatial_saliency(t_s), channel_saliency(t_s))`` with ``t_s = max_pool(t, s)``:
+    (N, C, h, w), float32 (N, 1, h, w), float32 (N, C, 1, 1)."""
+    out = []
+    for s in scales:
+        t_s = max_pool(t, s)
+        out.append((t_s, spatial_saliency(t_s), channel_saliency(t_s)))
+    return out
 
 
 def blockwise_upsample(x: Tensor, scale: int, size: tuple[int, int]) -> Tensor:

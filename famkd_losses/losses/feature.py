@@ -20,12 +20,13 @@ from .._validation import (
 )
 from ..functional import (
     MASK_MODES,
-    channel_mask,
+    active_scales,
+    attention_from_saliency,
     fuse_reconstructions,
+    mask_from_saliency,
     max_pool,
     reconstruction_error,
-    spatial_mask,
-    teacher_attention,
+    teacher_pyramid,
 )
 from ..functional._dtypes import acc_dtype
 from ._base import DistillationLoss
@@ -164,39 +165,44 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         """Validate one level and return ``align(S)`` at the teacher's size: (N, Ct, H, W)."""
         return align_student(self, s_feat, t_feat, level)
 
-    def _mask(self, branch: str, t_s: Tensor, generator: torch.Generator | None) -> Tensor:
-        if branch == "spatial":
-            return spatial_mask(t_s, self.ratio_sp, self.mask_mode, self.tau, generator)
-        return channel_mask(t_s, self.ratio_ch, self.mask_mode, self.tau, generator)
+    def _masks(self, sp_sal: Tensor, ch_sal: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Each branch's mask from the pooled teacher's saliencies (no gradient)."""
+        masks = {}
+        for b in self.branches:
+            if b == "spatial":
+                masks[b] = mask_from_saliency(sp_sal, self.ratio_sp, self.mask_mode, self.tau, generator)
+            else:
+                masks[b] = mask_from_saliency(ch_sal, self.ratio_ch, self.mask_mode, self.tau, generator)
+        return masks
 
     def reconstruction_loss(self, x: Tensor, t_feat: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
         """The loss from an aligned student ``x`` and the teacher, both (N, Ct, H, W).
 
-        Returns the float32 scalar and each used scale's contribution.
+        Returns the scalar (float32; float64 for float64 inputs) and each used scale's
+        contribution.
         """
         t_feat = t_feat.detach()
         h, w = t_feat.shape[-2:]
+        used = active_scales(h, w, self.scales)
         random = self.mask_mode in ("sample", "random")
         generator = self._random.get(x.device) if random else None
         total = x.new_zeros((), dtype=acc_dtype(x.dtype))
         terms: dict[int, Tensor] = {}
-        for i, s in enumerate(self.scales):
-            if s > min(h, w):
-                continue
-            t_s = max_pool(t_feat, s)
-            x_s = max_pool(x, s)
+        teacher = teacher_pyramid(t_feat, used)  # [(t_s, mean_c|t_s|, mean_hw|t_s|)]
+        student = [max_pool(x, s) for s in used]
+        for s, (t_s, sp_sal, ch_sal), x_s in zip(used, teacher, student):
+            i = self.scales.index(s)
+            masks = self._masks(sp_sal, ch_sal, generator)
             recons = []
             for b in self.branches:
-                mask = self._mask(b, t_s, generator)
                 gen = self._generator(b, i)
                 x_in = to_module_dtype(x_s, gen)
-                recons.append(gen(x_in * mask.to(x_in.dtype)))
+                recons.append(gen(x_in * masks[b].to(x_in.dtype)))
             theta = None if self.fusion_logits is None else self.fusion_logits[i]
             recon = fuse_reconstructions(recons, theta)
             weight = None
             if self.weighting == "attention":
-                a_sp, a_ch = teacher_attention(t_s, self.tau)
-                weight = a_sp * a_ch
+                weight = attention_from_saliency(sp_sal, self.tau) * attention_from_saliency(ch_sal, self.tau)
             term = (self.alpha * self.scale_weights[i]) * reconstruction_error(recon, t_s, weight)
             terms[s] = term
             total = total + term

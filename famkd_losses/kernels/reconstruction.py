@@ -1,0 +1,368 @@
+"""Fused reconstruction loss of one scale: branch fusion, attention weighting, squared error and
+reduction in one Triton kernel, with a one-pass fused backward.
+
+Reference (:mod:`famkd_losses.functional.reconstruction`)::
+
+    w = softmax(theta)                                     # (B,), B = 1 or 2
+    loss = sum(a_sp * a_ch * (sum_b w_b R_b - T)^2) / N    # float32 scalar
+
+Forward: every program reads one [BLOCK_C, BLOCK_HW] tile of each (N, C, H, W) input once (the
+small attention maps once per tile), accumulates in float32 and writes one partial sum; the
+partials are summed in a fixed order by torch, so the result is deterministic (no atomics).
+
+Backward: one pass over the same tiles writes ``dR_b = w_b * 2 * A * (R - T) * g / N`` in each
+branch's dtype and strides (``empty_like``, so channels_last stays channels_last) and per-program
+partials of ``dL/dw_b = sum(2 * A * (R - T) * R_b) * g / N``; then, on the host (B scalars),
+``dtheta_j = sum_b dL/dw_b * w_b * (delta_bj - w_j)``.
+
+Strides are passed to the kernel, so channels_last, sliced and expanded inputs are read in place
+(no copies); when (H, W) of every map can be addressed as one index (``stride_h == W * stride_w``:
+contiguous, channels_last, most slices) the kernel skips the ``hw // W`` split.
+
+Falls back to the reference (autograd through plain PyTorch) for: float64 (or non-floating)
+inputs, tensors the kernels cannot run on (see :func:`famkd_losses.kernels.can_run`), more than
+two branches, shapes that are not exactly (N, C, H, W) for every reconstruction and the target
+(attention maps may broadcast: they are expanded, stride 0), empty tensors, and a target or
+attention map that requires grad while grad mode is on (the kernel gives those no gradient; the
+loss module detaches them). The kernel path is not twice differentiable.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from ..functional import fuse_reconstructions, reconstruction_error
+from . import HAS_TRITON, can_run
+
+__all__ = ["fused_reconstruction_error"]
+
+_TILE = 2048  # elements per program
+_NUM_WARPS = 8
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _hw_offsets(hw, W, sh, sw, MERGED_HW: tl.constexpr):
+        """Offsets of flat spatial indices ``hw`` [BLOCK_HW] (int64) for strides (sh, sw).
+
+        With MERGED_HW the host passes the stride of the merged (H*W) axis as ``sw``."""
+        if MERGED_HW:
+            off = hw * sw
+        else:
+            off = (hw // W) * sh + (hw % W) * sw
+        return off
+
+    @triton.jit
+    def _recon_kernel(
+        r0_ptr,  # [N, C, H, W] reconstruction of branch 0 (fp32/fp16/bf16)
+        r1_ptr,  # [N, C, H, W] reconstruction of branch 1 (unused if NUM_BRANCHES == 1)
+        t_ptr,  # [N, C, H, W] target T
+        asp_ptr,  # [N, 1, H, W] spatial attention (unused unless HAS_ASP)
+        ach_ptr,  # [N, C, 1, 1] channel attention (unused unless HAS_ACH)
+        w_ptr,  # [NUM_BRANCHES] float32 fusion weights softmax(theta) (unused unless HAS_W)
+        g_ptr,  # [] incoming gradient of the loss (backward only)
+        dr0_ptr,  # [N, C, H, W] gradient of R_0, R_0's dtype (backward, WRITE_DR0)
+        dr1_ptr,  # [N, C, H, W] gradient of R_1, R_1's dtype (backward, WRITE_DR1)
+        part_ptr,  # float32 [P] forward partial sums, or [P, 2] backward partials of dL/dw_b
+        N,
+        C,
+        HW,
+        W,
+        s_r0n,
+        s_r0c,
+        s_r0h,
+        s_r0w,
+        s_r1n,
+        s_r1c,
+        s_r1h,
+        s_r1w,
+        s_tn,
+        s_tc,
+        s_th,
+        s_tw,
+        s_spn,
+        s_sph,
+        s_spw,
+        s_chn,
+        s_chc,
+        s_d0n,
+        s_d0c,
+        s_d0h,
+        s_d0w,
+        s_d1n,
+        s_d1c,
+        s_d1h,
+        s_d1w,
+        BLOCK_C: tl.constexpr,
+        BLOCK_HW: tl.constexpr,
+        NUM_BRANCHES: tl.constexpr,
+        HAS_W: tl.constexpr,
+        HAS_ASP: tl.constexpr,
+        HAS_ACH: tl.constexpr,
+        MERGED_HW: tl.constexpr,
+        BACKWARD: tl.constexpr,
+        WRITE_DR0: tl.constexpr,
+        WRITE_DR1: tl.constexpr,
+        NEED_DW: tl.constexpr,
+    ):
+        # program -> (n, hw block, c block), c block fastest so neighbours share the a_sp tile
+        pid = tl.program_id(0)
+        num_c = tl.cdiv(C, BLOCK_C)
+        num_hw = tl.cdiv(HW, BLOCK_HW)
+        pid_c = pid % num_c
+        rest = pid // num_c
+        pid_hw = rest % num_hw
+        n = (rest // num_hw).to(tl.int64)
+
+        c = (pid_c * BLOCK_C + tl.arange(0, BLOCK_C)).to(tl.int64)  # [BLOCK_C]
+        hw = (pid_hw * BLOCK_HW + tl.arange(0, BLOCK_HW)).to(tl.int64)  # [BLOCK_HW]
+        c_ok = c < C
+        hw_ok = hw < HW
+        mask = c_ok[:, None] & hw_ok[None, :]  # [BLOCK_C, BLOCK_HW]
+
+        # fused reconstruction sum_b w_b R_b, float32 [BLOCK_C, BLOCK_HW]
+        off_r0 = n * s_r0n + c[:, None] * s_r0c + _hw_offsets(hw, W, s_r0h, s_r0w, MERGED_HW)[None, :]
+        r0 = tl.load(r0_ptr + off_r0, mask=mask, other=0.0).to(tl.float32)
+        w0 = 1.0
+        if HAS_W:
+            w0 = tl.load(w_ptr).to(tl.float32)
+        fused = w0 * r0
+        r1 = r0
+        w1 = 0.0
+        if NUM_BRANCHES == 2:
+            off_r1 = n * s_r1n + c[:, None] * s_r1c + _hw_offsets(hw, W, s_r1h, s_r1w, MERGED_HW)[None, :]
+            r1 = tl.load(r1_ptr + off_r1, mask=mask, other=0.0).to(tl.float32)
+            w1 = tl.load(w_ptr + 1).to(tl.float32)
+            fused = fused + w1 * r1
+        off_t = n * s_tn + c[:, None] * s_tc + _hw_offsets(hw, W, s_th, s_tw, MERGED_HW)[None, :]
+        t = tl.load(t_ptr + off_t, mask=mask, other=0.0).to(tl.float32)
+        d = fused - t  # [BLOCK_C, BLOCK_HW], 0 outside the map
+
+        # attention weight A = a_sp * a_ch, broadcast to the tile
+        if HAS_ASP:
+            off_sp = n * s_spn + _hw_offsets(hw, W, s_sph, s_spw, MERGED_HW)
+            a_sp = tl.load(asp_ptr + off_sp, mask=hw_ok, other=0.0).to(tl.float32)  # [BLOCK_HW]
+        if HAS_ACH:
+            a_ch = tl.load(ach_ptr + n * s_chn + c * s_chc, mask=c_ok, other=0.0).to(tl.float32)  # [BLOCK_C]
+
+        if not BACKWARD:
+            err = d * d
+            if HAS_ASP and HAS_ACH:
+                err = err * (a_sp[None, :] * a_ch[:, None])
+            elif HAS_ASP:
+                err = err * a_sp[None, :]
+            elif HAS_ACH:
+                err = err * a_ch[:, None]
+            tl.store(part_ptr + pid, tl.sum(tl.sum(err, axis=1), axis=0))
+        else:
+            gn = tl.load(g_ptr).to(tl.float32) / N  # dL/d(sum)
+            if HAS_ASP and HAS_ACH:
+                gd = (gn * (a_sp[None, :] * a_ch[:, None])) * (2.0 * d)
+            elif HAS_ASP:
+                gd = (gn * a_sp[None, :]) * (2.0 * d)
+            elif HAS_ACH:
+                gd = (gn * a_ch[:, None]) * (2.0 * d)
+            else:
+                gd = gn * (2.0 * d)  # dL/d(fused), float32 [BLOCK_C, BLOCK_HW]
+            if WRITE_DR0:
+                off_d0 = n * s_d0n + c[:, None] * s_d0c + _hw_offsets(hw, W, s_d0h, s_d0w, MERGED_HW)[None, :]
+                tl.store(dr0_ptr + off_d0, (gd * w0).to(dr0_ptr.dtype.element_ty), mask=mask)
+            if WRITE_DR1:
+                off_d1 = n * s_d1n + c[:, None] * s_d1c + _hw_offsets(hw, W, s_d1h, s_d1w, MERGED_HW)[None, :]
+                tl.store(dr1_ptr + off_d1, (gd * w1).to(dr1_ptr.dtype.element_ty), mask=mask)
+            if NEED_DW:
+                tl.store(part_ptr + 2 * pid, tl.sum(tl.sum(gd * r0, axis=1), axis=0))
+                if NUM_BRANCHES == 2:
+                    tl.store(part_ptr + 2 * pid + 1, tl.sum(tl.sum(gd * r1, axis=1), axis=0))
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
+def _blocks(c: int, hw: int, channels_fast: bool) -> tuple[int, int]:
+    """(BLOCK_C, BLOCK_HW) of a ~_TILE-element tile, long along the contiguous axis."""
+    if channels_fast:
+        bc = min(_next_pow2(c), 128)
+        return bc, min(_next_pow2(hw), max(1, _TILE // bc))
+    bhw = min(_next_pow2(hw), 256)
+    return min(_next_pow2(c), max(1, _TILE // bhw)), bhw
+
+
+def _hw_stride(t: Tensor, h: int, w: int) -> int | None:
+    """The stride of the merged (H*W) axis of a 4-D tensor, or None if H, W don't merge."""
+    sh, sw = t.stride(2), t.stride(3)
+    if h == 1:
+        return sw
+    if w == 1:
+        return sh
+    return sw if sh == w * sw else None
+
+
+def _spatial_strides(t: Tensor | None, h: int, w: int, merged: bool) -> tuple[int, int, int, int]:
+    """(sn, sc, sh, sw) to pass for a 4-D tensor (zeros for None); merged: sw is the H*W stride."""
+    if t is None:
+        return 0, 0, 0, 0
+    sn, sc, sh, sw = t.stride()
+    if merged:
+        return sn, sc, 0, _hw_stride(t, h, w)
+    return sn, sc, sh, sw
+
+
+class _Launcher:
+    """Shape/stride bookkeeping shared by the forward and backward launches."""
+
+    def __init__(self, r0, r1, target, a_sp, a_ch, w, outs=(None, None)):
+        n, c, h, wd = target.shape
+        self.shape = (n, c, h, wd)
+        maps = [t for t in (r0, r1, target, a_sp, *outs) if t is not None]
+        self.merged = all(_hw_stride(t, h, wd) is not None for t in maps)
+        channels_fast = c > 1 and r0.stride(1) == 1
+        self.block_c, self.block_hw = _blocks(c, h * wd, channels_fast)
+        self.programs = n * triton.cdiv(c, self.block_c) * triton.cdiv(h * wd, self.block_hw)
+        self.args = (r0, r1, target, a_sp, a_ch, w)
+
+    def __call__(self, part, g=None, dr0=None, dr1=None, backward=False, need_dw=False):
+        r0, r1, target, a_sp, a_ch, w = self.args
+        n, c, h, wd = self.shape
+        m = self.merged
+        sp = _spatial_strides(a_sp, h, wd, m)
+        dummy = r0
+        _recon_kernel[(self.programs,)](
+            r0,
+            dummy if r1 is None else r1,
+            target,
+            dummy if a_sp is None else a_sp,
+            dummy if a_ch is None else a_ch,
+            part if w is None else w,
+            part if g is None else g,
+            dummy if dr0 is None else dr0,
+            dummy if dr1 is None else dr1,
+            part,
+            n,
+            c,
+            h * wd,
+            wd,
+            *_spatial_strides(r0, h, wd, m),
+            *_spatial_strides(r1, h, wd, m),
+            *_spatial_strides(target, h, wd, m),
+            sp[0],
+            sp[2],
+            sp[3],
+            *((0, 0) if a_ch is None else (a_ch.stride(0), a_ch.stride(1))),
+            *_spatial_strides(dr0, h, wd, m),
+            *_spatial_strides(dr1, h, wd, m),
+            BLOCK_C=self.block_c,
+            BLOCK_HW=self.block_hw,
+            NUM_BRANCHES=1 if r1 is None else 2,
+            HAS_W=w is not None,
+            HAS_ASP=a_sp is not None,
+            HAS_ACH=a_ch is not None,
+            MERGED_HW=m,
+            BACKWARD=backward,
+            WRITE_DR0=dr0 is not None,
+            WRITE_DR1=dr1 is not None,
+            NEED_DW=need_dw,
+            num_warps=_NUM_WARPS,
+        )
+
+
+class _FusedReconstructionError(torch.autograd.Function):
+    """(target, a_sp, a_ch, theta, R_0, R_1) -> float32 scalar; gradients to theta, R_0, R_1 only."""
+
+    @staticmethod
+    def forward(ctx, target, a_sp, a_ch, theta, r0, r1):
+        w = None if theta is None else torch.softmax(theta.detach().float(), dim=0).contiguous()
+        launch = _Launcher(r0, r1, target, a_sp, a_ch, w)
+        part = torch.empty(launch.programs, device=target.device, dtype=torch.float32)
+        launch(part)
+        ctx.save_for_backward(target, a_sp, a_ch, w, r0, r1)
+        ctx.theta_dtype = None if theta is None else theta.dtype
+        return part.sum() / target.shape[0]
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        target, a_sp, a_ch, w, r0, r1 = ctx.saved_tensors
+        need_theta, need_r0, need_r1 = ctx.needs_input_grad[3:6]
+        if not (need_theta or need_r0 or need_r1):
+            return None, None, None, None, None, None
+        dr0 = torch.empty_like(r0) if need_r0 else None
+        dr1 = torch.empty_like(r1) if need_r1 else None
+        launch = _Launcher(r0, r1, target, a_sp, a_ch, w, outs=(dr0, dr1))
+        part = torch.zeros(launch.programs, 2, device=target.device, dtype=torch.float32)
+        g = grad.detach().to(torch.float32).reshape(())
+        launch(part, g=g, dr0=dr0, dr1=dr1, backward=True, need_dw=need_theta)
+        dtheta = None
+        if need_theta:
+            dldw = part.sum(dim=0)[: w.shape[0]]  # dL/dw_b, (B,)
+            dtheta = (w * (dldw - (w * dldw).sum())).to(ctx.theta_dtype)
+        return None, None, None, dtheta, dr0, dr1
+
+
+def _reference(recons, fusion_logits, target, a_sp, a_ch) -> Tensor:
+    weight = a_sp if a_ch is None else (a_ch if a_sp is None else a_sp * a_ch)
+    return reconstruction_error(fuse_reconstructions(recons, fusion_logits), target, weight)
+
+
+def _kernel_ok(recons, fusion_logits, target, a_sp, a_ch) -> bool:
+    if not 1 <= len(recons) <= 2 or target.dim() != 4 or target.numel() == 0:
+        return False
+    if any(r.shape != target.shape for r in recons):
+        return False
+    if fusion_logits is None:
+        if len(recons) != 1:
+            return False  # the reference raises
+    elif fusion_logits.shape != (len(recons),):
+        return False  # the reference raises
+    tensors = [t for t in (*recons, target, a_sp, a_ch, fusion_logits) if t is not None]
+    if not can_run(*tensors):
+        return False
+    if any(t.dtype not in _KERNEL_DTYPES for t in tensors):
+        return False
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (target, a_sp, a_ch)):
+        return False
+    return True
+
+
+def fused_reconstruction_error(
+    recons: Sequence[Tensor],
+    fusion_logits: Tensor | None,
+    target: Tensor,
+    a_sp: Tensor | None = None,
+    a_ch: Tensor | None = None,
+) -> Tensor:
+    """``sum(a_sp * a_ch * (sum_b softmax(theta)_b R_b - T)^2) / N``: float32 scalar.
+
+    Equal to ``reconstruction_error(fuse_reconstructions(recons, fusion_logits), target,
+    a_sp * a_ch)``, with an absent attention map read as 1.
+
+    Args:
+        recons: 1 or 2 reconstructions R_b (N, C, H, W), float32/float16/bfloat16, any strides.
+        fusion_logits: theta (B,), or None for one branch (then w_0 = 1).
+        target: T (N, C, H, W), no gradient.
+        a_sp: spatial attention (N, 1, H, W) or None, no gradient.
+        a_ch: channel attention (N, C, 1, 1) or None, no gradient.
+
+    Gradients reach ``recons`` (in their dtype and layout) and ``fusion_logits``. Inputs the
+    kernel does not take (float64, no triton/device, see the module docstring) go through the
+    PyTorch reference, whose float64 result stays float64.
+    """
+    recons = list(recons)
+    if not _kernel_ok(recons, fusion_logits, target, a_sp, a_ch):
+        return _reference(recons, fusion_logits, target, a_sp, a_ch)
+    n, c, h, w = target.shape
+    try:
+        a_sp_k = None if a_sp is None else a_sp.detach().expand(n, 1, h, w)
+        a_ch_k = None if a_ch is None else a_ch.detach().expand(n, c, 1, 1)
+    except RuntimeError:  # not broadcastable: let the reference raise its error
+        return _reference(recons, fusion_logits, target, a_sp, a_ch)
+    r1 = recons[1] if len(recons) == 2 else None
+    return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, fusion_logits, recons[0], r1)
