@@ -76,21 +76,22 @@ def test_feature_loss_scale_terms_and_skipping():
     mod = ScaleAwareMaskedFeatureLoss(4, 4, scales=(1, 2, 4), scale_weights=(1.0, 2.0, 3.0))
     s, t = _feats(2, 4, 4, 3, 5, dtype=torch.float32)
     loss = mod(s, t)
-    assert set(mod.last_scale_terms) == {1, 2}  # 4 > min(3, 5): skipped
-    torch.testing.assert_close(sum(mod.last_scale_terms.values()), loss)
+    scale_terms = {int(k[5:]): v for k, v in mod.last_terms().items() if k.startswith("scale")}
+    assert set(scale_terms) == {1, 2}  # 4 > min(3, 5): skipped
+    torch.testing.assert_close(sum(scale_terms.values()), loss.detach())
     single = {k: ScaleAwareMaskedFeatureLoss(4, 4, scales=(k,)) for k in (1, 2)}
     for k, m in single.items():
         m.load_state_dict({n: p for n, p in mod.state_dict().items() if "fusion" not in n}, strict=False)
         with torch.no_grad():
             m.fusion_logits.copy_(mod.fusion_logits[k - 1 : k])
-        torch.testing.assert_close(mod.last_scale_terms[k], k * m(s, t))
+        torch.testing.assert_close(scale_terms[k], k * m(s, t).detach())
 
 
 def test_feature_loss_no_scale_fits_is_zero_and_differentiable():
     mod = ScaleAwareMaskedFeatureLoss(3, 3, scales=(2, 4))
     s = torch.randn(2, 3, 1, 1, requires_grad=True)
     loss = mod(s, torch.randn(2, 3, 1, 1))
-    assert loss.item() == 0.0 and mod.last_scale_terms == {}
+    assert loss.item() == 0.0 and set(mod.last_terms()) == {"total"}
     loss.backward()
     assert s.grad is not None and torch.equal(s.grad, torch.zeros_like(s))
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
 from torch import Tensor, nn
 
 __all__ = ["DistillationLoss"]
@@ -13,6 +16,21 @@ class DistillationLoss(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self._last_terms: dict[str, Tensor] = {}
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # backend="compile": the whole forward under torch.compile, compiled on the first call
+        # (losses nested in a compiled one run inside its graph).
+        if self.__dict__.get("backend") == "compile" and not torch.compiler.is_compiling():
+            compiled = self.__dict__.get("_compiled_forward")
+            if compiled is None:
+                compiled = self.__dict__["_compiled_forward"] = torch.compile(self.forward)
+            return compiled(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_compiled_forward", None)  # rebuilt on the next call
+        return state
 
     def _record(self, terms: dict[str, Tensor]) -> None:
         self._last_terms = {k: v.detach() for k, v in terms.items()}

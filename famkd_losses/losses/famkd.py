@@ -151,7 +151,7 @@ class FAMKDLoss(DistillationLoss):
             elif x.shape[0] != n0:
                 raise ValueError(f"batch size at level {level} is {x.shape[0]} but level 0 has {n0}")
             value, scale_terms = loss_l.reconstruction_loss(x, t)
-            loss_l.last_scale_terms = scale_terms
+            loss_l._record({"total": value, **{f"scale{k}": v for k, v in scale_terms.items()}})
             aligned.append(x)
             for s_, v in scale_terms.items():
                 terms[f"feature/level{level}/scale{s_}"] = v.detach()
@@ -168,8 +168,9 @@ class FAMKDLoss(DistillationLoss):
                 logits_value = self.logits_loss(s_logits, t_logits, [a.detach() for a in aligned], t_list)
             else:
                 logits_value = self.logits_loss(s_logits, t_logits)
-            for level, v in enumerate(self.logits_loss.last_level_terms):
-                terms[f"logits/level{level}"] = v
+            for key, v in self.logits_loss.last_terms().items():
+                if key != "total":
+                    terms[f"logits/{key}"] = v
             terms["logits"] = logits_value.detach()
             total = total + logits_value
         terms["total"] = total

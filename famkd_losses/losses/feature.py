@@ -144,7 +144,6 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             self.fusion_logits = nn.Parameter(torch.zeros(len(self.scales), len(branches)))
         else:
             self.register_parameter("fusion_logits", None)
-        self.last_scale_terms: dict[int, Tensor] = {}
 
     @property
     def seed(self) -> int | None:
@@ -224,6 +223,6 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
     def forward(self, s_feat: Tensor, t_feat: Tensor) -> Tensor:
         """student (N, Cs, H, W), teacher (N, Ct, H, W) -> float32 scalar."""
         x = self.aligned_student(s_feat, t_feat)
-        loss, self.last_scale_terms = self.reconstruction_loss(x, t_feat)
-        self._record({"total": loss, **{f"scale{s}": v for s, v in self.last_scale_terms.items()}})
+        loss, scale_terms = self.reconstruction_loss(x, t_feat)
+        self._record({"total": loss, **{f"scale{s}": v for s, v in scale_terms.items()}})
         return loss

@@ -109,7 +109,6 @@ class MaskedLogitsLoss(DistillationLoss):
         self.beta = check_non_negative("beta", beta)
         self.num_classes = None if num_classes is None else check_channels("num_classes", num_classes)
         self.backend = check_backend(backend)
-        self.last_level_terms: list[Tensor] = []
 
     def extra_repr(self) -> str:
         return (
@@ -230,7 +229,6 @@ class MaskedLogitsLoss(DistillationLoss):
             positions += d.shape[1]
         assert total is not None and n0 is not None
         scale = self.beta * self.temperature**2 / (n0 * positions)
-        self.last_level_terms = [(scale * term).detach() for term in terms]
         loss = scale * total
-        self._record({"total": loss, **{f"level{i}": v for i, v in enumerate(self.last_level_terms)}})
+        self._record({"total": loss, **{f"level{i}": scale * term for i, term in enumerate(terms)}})
         return loss
