@@ -147,3 +147,28 @@ def test_level_that_no_scale_fits_warns():
 def test_no_align_losses_say_how_to_fix_channels(loss):
     with pytest.raises(ValueError, match=r"channels differ.*no align layer.*1x1 conv"):
         loss(torch.randn(2, 4, 5, 5), torch.randn(2, 6, 5, 5))
+
+
+@pytest.mark.slow
+def test_backend_compile_matches_torch():
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(2, 6, 5, 4, generator=g).requires_grad_(True), torch.randn(2, 6, 2, 2, generator=g)]
+    zt = [torch.randn(2, 6, 5, 4, generator=g), torch.randn(2, 6, 2, 2, generator=g)]
+    eager = MaskedLogitsLoss(num_classes=3, head="softmax")
+    compiled = MaskedLogitsLoss(num_classes=3, head="softmax", backend="compile")
+    for _ in range(2):  # the second call reuses the compiled graph
+        a, b = eager(zs, zt), compiled(zs, zt)
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(torch.autograd.grad(b, zs[0]), torch.autograd.grad(a, zs[0]), rtol=1e-4, atol=1e-7)
+    assert compiled.__dict__.get("_compiled_forward") is not None
+    torch.testing.assert_close(compiled.last_terms()["total"], a.detach(), rtol=1e-5, atol=1e-7)
+
+
+def test_backend_triton_needs_a_device_it_can_run_on(monkeypatch):
+    from famkd_losses._backend import use_triton
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="backend='triton' needs triton and CUDA tensors"):
+        use_triton("triton", torch.zeros(1))
+    assert use_triton("auto", torch.zeros(1)) is False  # CPU tensors: the reference
+    assert use_triton("torch", torch.zeros(1)) is False
