@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._backend import check_backend
+from .._backend import check_backend, use_triton
 from .._validation import (
     check_channels,
     check_choice,
@@ -70,7 +70,9 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             sizes differ; otherwise that is an error.
         seed: seed of the masks' random draws (``"sample"``/``"random"``); ``None`` uses the
             global generator.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (fused kernels for the
+            branch fusion, error, weighting and reduction; inputs the kernels do not take, such
+            as float64, run the reference).
 
     Shapes: student (N, Cs, H, W), teacher (N, Ct, H, W) (detached here). Returns a float32
     scalar (float64 for float64 inputs). After a call, :meth:`last_terms` gives ``"total"`` and
@@ -187,6 +189,7 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         generator = self._random.get(x.device) if random else None
         total = x.new_zeros((), dtype=acc_dtype(x.dtype))
         terms: dict[int, Tensor] = {}
+        fused = use_triton(self.backend, x, t_feat)
         teacher = teacher_pyramid(t_feat, used)  # [(t_s, mean_c|t_s|, mean_hw|t_s|)]
         student = [max_pool(x, s) for s in used]
         for s, (t_s, sp_sal, ch_sal), x_s in zip(used, teacher, student):
@@ -198,11 +201,18 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
                 x_in = to_module_dtype(x_s, gen)
                 recons.append(gen(x_in * masks[b].to(x_in.dtype)))
             theta = None if self.fusion_logits is None else self.fusion_logits[i]
-            recon = fuse_reconstructions(recons, theta)
-            weight = None
+            a_sp = a_ch = None
             if self.weighting == "attention":
-                weight = attention_from_saliency(sp_sal, self.tau) * attention_from_saliency(ch_sal, self.tau)
-            term = (self.alpha * self.scale_weights[i]) * reconstruction_error(recon, t_s, weight)
+                a_sp, a_ch = attention_from_saliency(sp_sal, self.tau), attention_from_saliency(ch_sal, self.tau)
+            if fused:
+                # branch fusion, error, attention weighting and reduction in one pass each way
+                from ..kernels.reconstruction import fused_reconstruction_error
+
+                error = fused_reconstruction_error(recons, theta, t_s, a_sp, a_ch)
+            else:
+                weight = None if a_sp is None else a_sp * a_ch
+                error = reconstruction_error(fuse_reconstructions(recons, theta), t_s, weight)
+            term = (self.alpha * self.scale_weights[i]) * error
             terms[s] = term
             total = total + term
         if not terms:

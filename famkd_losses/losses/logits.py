@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from torch import Tensor
 
-from .._backend import check_backend
+from .._backend import check_backend, use_triton
 from .._validation import (
     as_levels,
     at_level,
@@ -66,7 +66,8 @@ class MaskedLogitsLoss(DistillationLoss):
         num_classes: K, to split dense channels ``A*K`` into anchors and classes. Required by
             the softmax head on dense logits; the sigmoid head sums over anchors and classes
             alike, so it only checks that the channels are a multiple of K.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (the fused KL kernel of
+            :mod:`famkd_losses.kernels.logits_kl`; float64 logits fall back to the reference).
 
     Inputs: one level or a sequence (or mapping) of levels, each dense ``(N, A*K, H, W)`` or
     flattened ``(N, P, K)``; student and teacher of the same shape. In the dense layout a
@@ -137,14 +138,25 @@ class MaskedLogitsLoss(DistillationLoss):
         if s.dim() == 3 and self.num_classes is not None and s.shape[2] != self.num_classes:
             raise ValueError(f"flattened logits{where} have {s.shape[2]} classes but num_classes={self.num_classes}")
 
-    def _guide(self, s: Tensor, t: Tensor, s_feat: Tensor | None, t_feat: Tensor | None, level: int | None) -> Tensor:
-        """Guidance D of one level, (N, P) float32, detached."""
+    def _guide(
+        self,
+        s: Tensor,
+        t: Tensor,
+        s_feat: Tensor | None,
+        t_feat: Tensor | None,
+        level: int | None,
+        logit_guide: Tensor | None = None,
+    ) -> Tensor:
+        """Guidance D of one level, (N, P) float32, detached. ``logit_guide``: the logit guidance
+        when a kernel has already computed it."""
         where = at_level(level)
         n = s.shape[0]
         if self.guidance == "logit":
-            d = position_prob_diff(
-                s.detach(), t, head=self.head, temperature=self.temperature, num_classes=self.num_classes
-            )
+            d = logit_guide
+            if d is None:
+                d = position_prob_diff(
+                    s.detach(), t, head=self.head, temperature=self.temperature, num_classes=self.num_classes
+                )
             if self.region_scales is not None:
                 if s.dim() != 4:
                     raise ValueError(
@@ -218,9 +230,23 @@ class MaskedLogitsLoss(DistillationLoss):
             elif s.shape[0] != n0:
                 raise ValueError(f"batch size{at_level(level)} is {s.shape[0]} but level 0 has {n0}")
             t = t.detach()
-            d = self._guide(s, t, sf_list[i], tf_list[i], level)
+            kl = logit_guide = None
+            if use_triton(self.backend, s, t):
+                from ..kernels import logits_kl
+
+                if logits_kl.supported(s, t, head=self.head, num_classes=self.num_classes):
+                    # one fused read of both logits: KL per position (differentiable) and |p - q|
+                    kl, logit_guide = logits_kl.position_kl_and_guidance(
+                        s, t, head=self.head, temperature=self.temperature, num_classes=self.num_classes
+                    )
+            d = self._guide(s, t, sf_list[i], tf_list[i], level, logit_guide)
             w = guidance_weights(d, self.weights, tau_w=self.tau_w, ratio=self.ratio_l)
-            term = weighted_kl_sum(s, t, w, head=self.head, temperature=self.temperature, num_classes=self.num_classes)
+            if kl is None:
+                term = weighted_kl_sum(
+                    s, t, w, head=self.head, temperature=self.temperature, num_classes=self.num_classes
+                )
+            else:
+                term = (w * kl).sum()
             if self.weights == "mask":
                 # A 0/1 mask only ranks D: keep a NaN/Inf in the guidance visible in the loss.
                 term = term + 0.0 * d.sum()
