@@ -190,8 +190,15 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         total = x.new_zeros((), dtype=acc_dtype(x.dtype))
         terms: dict[int, Tensor] = {}
         fused = use_triton(self.backend, x, t_feat)
-        teacher = teacher_pyramid(t_feat, used)  # [(t_s, mean_c|t_s|, mean_hw|t_s|)]
-        student = [max_pool(x, s) for s in used]
+        if fused:
+            # one read of T for every scale's pooled map and saliencies; one of X for its pyramid
+            from ..kernels.teacher_stats import max_pool_pyramid_student, teacher_saliency_pyramid
+
+            teacher = [stats[1:] for stats in teacher_saliency_pyramid(t_feat, used)]
+            student = [x_s for _, x_s in max_pool_pyramid_student(x, used)]
+        else:
+            teacher = teacher_pyramid(t_feat, used)  # [(t_s, mean_c|t_s|, mean_hw|t_s|)]
+            student = [max_pool(x, s) for s in used]
         for s, (t_s, sp_sal, ch_sal), x_s in zip(used, teacher, student):
             i = self.scales.index(s)
             masks = self._masks(sp_sal, ch_sal, generator)

@@ -44,7 +44,7 @@ def test_masked_logits_triton_matches_torch(kw, layout, kernel_calls):
     t = [p[1] for p in pairs]
     ref = MaskedLogitsLoss(backend="torch", **kw)(s, t)
     got = MaskedLogitsLoss(backend="triton", **kw)(s, t)
-    assert kernel_calls["logits"] == 2
+    assert kernel_calls["logits"] == 2 and kernel_calls["reconstruction"] == 0
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     g_ref = torch.autograd.grad(2.5 * ref, s)
     g_got = torch.autograd.grad(2.5 * got, s)
@@ -55,9 +55,21 @@ def test_masked_logits_triton_matches_torch(kw, layout, kernel_calls):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the fused kernels' launches through the modules, and checks they ran (not a fallback)."""
-    from famkd_losses.kernels import logits_kl, reconstruction
+    from famkd_losses.kernels import logits_kl, reconstruction, teacher_stats
 
-    calls = {"reconstruction": 0, "logits": 0}
+    calls = {"reconstruction": 0, "logits": 0, "teacher": 0, "student": 0}
+    orig_t, orig_s = teacher_stats.teacher_saliency_pyramid, teacher_stats.max_pool_pyramid_student
+
+    def teacher(*args, **kwargs):
+        calls["teacher"] += 1
+        return orig_t(*args, **kwargs)
+
+    def student(*args, **kwargs):
+        calls["student"] += 1
+        return orig_s(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_stats, "teacher_saliency_pyramid", teacher)
+    monkeypatch.setattr(teacher_stats, "max_pool_pyramid_student", student)
     orig_rec, orig_kl = reconstruction.fused_reconstruction_error, logits_kl.position_kl_and_guidance
 
     def rec(*args, **kwargs):
@@ -93,7 +105,7 @@ def test_famkd_triton_matches_torch(kernel_calls):
     ref = ref_mod(s, t, zs, zt)
     got = tri_mod(s, t, zs, zt)
     # 3 levels: scales 1, 2, 4 on 6x5, 1 and 2 on 3x3, 1 on 1x2; one logits call per level
-    assert kernel_calls == {"reconstruction": 6, "logits": 3}
+    assert kernel_calls == {"reconstruction": 6, "logits": 3, "teacher": 3, "student": 3}
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
     for key, v in ref_mod.last_terms().items():
         torch.testing.assert_close(tri_mod.last_terms()[key], v, rtol=1e-5, atol=1e-8, msg=key)
@@ -103,3 +115,34 @@ def test_famkd_triton_matches_torch(kernel_calls):
     g_tri = torch.autograd.grad(3.0 * got, leaves_tri)
     for a, b in zip(g_tri, g_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"branches": ("channel",), "scales": (2, 4)},
+        {"mask_mode": "sample", "seed": 3, "share_generators": False},
+        {"mask_mode": "topk_nonsalient", "scale_weights": (1.0, 0.5, 0.25), "resize_student": True},
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_feature_loss_triton_options(kw, dtype, kernel_calls):
+    from famkd_losses import ScaleAwareMaskedFeatureLoss
+
+    g = torch.Generator().manual_seed(1)
+    hs = (4, 5) if kw.get("resize_student") else (7, 9)
+    s = torch.randn(2, 3, *hs, generator=g).to(DEVICE, dtype).contiguous(memory_format=torch.channels_last)
+    s.requires_grad_(True)
+    t = torch.randn(2, 5, 7, 9, generator=g).to(DEVICE, dtype)
+    ref_mod = ScaleAwareMaskedFeatureLoss(3, 5, backend="torch", **kw).to(DEVICE)
+    tri_mod = ScaleAwareMaskedFeatureLoss(3, 5, backend="triton", **kw).to(DEVICE)
+    tri_mod.load_state_dict(ref_mod.state_dict())
+    ref, got = ref_mod(s, t), tri_mod(s, t)
+    assert kernel_calls["teacher"] == 1 and kernel_calls["reconstruction"] == len(tri_mod.last_terms()) - 1
+    tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-5}
+    torch.testing.assert_close(got, ref, **tol)
+    params_ref, params_tri = list(ref_mod.parameters()), list(tri_mod.parameters())
+    g_ref = torch.autograd.grad(ref, [s, *params_ref])
+    g_tri = torch.autograd.grad(got, [s, *params_tri])
+    for a, b in zip(g_tri, g_ref):
+        torch.testing.assert_close(a.float(), b.float(), **tol)

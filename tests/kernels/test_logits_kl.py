@@ -275,8 +275,9 @@ def test_large_nearly_equal_logits(head):
     exact = position_kl(s.double(), t.double(), head=head)
     torch.testing.assert_close(kl.double(), exact, rtol=1e-4, atol=1e-6)
     if head == "sigmoid":
+        # kernel and float32 reference both use the sign-flipped closed form (no cancellation)
         ref_err = (position_kl(s, t, head=head).double() - exact).abs().max()
-        assert (kl.double() - exact).abs().max() <= ref_err
+        assert (kl.double() - exact).abs().max() <= 5e-7 and ref_err <= 5e-7
 
 
 def test_empty_maps():
