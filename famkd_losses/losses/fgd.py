@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._backend import check_backend
+from .._backend import check_backend, use_triton
 from .._validation import (
     as_levels,
     check_channel_list,
@@ -16,7 +16,7 @@ from .._validation import (
     check_non_negative,
     check_positive,
 )
-from ..functional import box_masks, channel_attention, spatial_attention, squared_error_sum
+from ..functional import attention_from_saliency, box_masks, channel_attention, spatial_attention, squared_error_sum
 from ._base import DistillationLoss
 from ._common import align_student, make_align, to_module_dtype
 
@@ -54,7 +54,8 @@ class FGDLoss(DistillationLoss):
             summed; each level's layers in :attr:`levels`).
         tau, alpha, beta, gamma, lam: as above.
         resize_student: bilinearly resize the student to the teacher's size if they differ.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (the teacher statistics
+            and the attention-weighted error run fused).
 
     ``forward(s_feat, t_feat, boxes, image_size)``: student (N, Cs, H, W), teacher
     (N, Ct, H, W); ``boxes`` N tensors (n_i, 4) of x1 y1 x2 y2 in input pixels (n_i may be
@@ -175,12 +176,24 @@ class FGDLoss(DistillationLoss):
         n, _, h, w = t.shape
         self._check_boxes(boxes, image_size, n, t.device)
 
-        a_sp_t, a_ch_t = spatial_attention(t, self.tau), channel_attention(t, self.tau)
+        fused = use_triton(self.backend, s, t)
+        if fused:
+            from ..kernels.reconstruction import fused_reconstruction_error
+            from ..kernels.teacher_stats import teacher_saliency_pyramid
+
+            ((_, _, sp_sal, ch_sal),) = teacher_saliency_pyramid(t, (1,))  # one read of T
+            a_sp_t, a_ch_t = attention_from_saliency(sp_sal, self.tau), attention_from_saliency(ch_sal, self.tau)
+        else:
+            a_sp_t, a_ch_t = spatial_attention(t, self.tau), channel_attention(t, self.tau)
         a_sp_s, a_ch_s = spatial_attention(s, self.tau), channel_attention(s, self.tau)
         fg, bg = box_masks(boxes, (h, w), tuple(image_size))
-        attn = a_sp_t * a_ch_t
-        fg_loss = squared_error_sum(s, t, fg * attn) / n
-        bg_loss = squared_error_sum(s, t, bg * attn) / n
+        if fused:  # the attention-weighted squared error, fused: sum(M A_sp A_ch (S - T)^2) / N
+            fg_loss = fused_reconstruction_error([s], None, t, fg * a_sp_t, a_ch_t)
+            bg_loss = fused_reconstruction_error([s], None, t, bg * a_sp_t, a_ch_t)
+        else:
+            attn = a_sp_t * a_ch_t
+            fg_loss = squared_error_sum(s, t, fg * attn) / n
+            bg_loss = squared_error_sum(s, t, bg * attn) / n
         at_loss = ((a_ch_s - a_ch_t).abs().sum() + (a_sp_s - a_sp_t).abs().sum()) / n
         s_ctx = to_module_dtype(s, self.conv_mask_s)
         t_ctx = to_module_dtype(t, self.conv_mask_t)

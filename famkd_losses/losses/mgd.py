@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._backend import check_backend
+from .._backend import check_backend, use_triton
 from .._validation import (
     as_levels,
     check_channel_list,
@@ -49,7 +49,7 @@ class MGDLoss(DistillationLoss):
         generator: a ``torch.Generator`` the masks are drawn from (reproducible runs).
         seed: alternatively, a seed; a generator per device is made from it.
         resize_student: bilinearly resize the student to the teacher's size if they differ.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (the fused error kernel).
 
     Layers are named as in the official code (``align``, ``generation``) so its
     checkpoints load. Shapes: student (N, Cs, H, W), teacher (N, Ct, H, W); float32 scalar.
@@ -122,6 +122,10 @@ class MGDLoss(DistillationLoss):
         m = self._draw(shape, x.device)
         x = to_module_dtype(x, self.generation)
         recon = self.generation(x * m.to(x.dtype))
+        if use_triton(self.backend, recon, t):
+            from ..kernels.reconstruction import fused_reconstruction_error
+
+            return self.alpha * fused_reconstruction_error([recon], None, t)
         return self.alpha * reconstruction_error(recon, t)
 
     def forward(self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor]) -> Tensor:
