@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -116,6 +115,9 @@ def pytest_sessionfinish(session, exitstatus):
         writer = csv.DictWriter(f, fieldnames=keys)
         writer.writeheader()
         writer.writerows(RESULTS)
+    from plot import summary_markdown
+
+    (folder / "summary.md").write_text(summary_markdown(RESULTS, env))
     try:
         from plot import plot_results
 
@@ -123,4 +125,3 @@ def pytest_sessionfinish(session, exitstatus):
     except ImportError as e:  # matplotlib missing: JSON/CSV only
         print(f"\n[benchmarks] no plots ({e})", file=sys.stderr)
     print(f"\n[benchmarks] {len(RESULTS)} rows written to {folder}", file=sys.stderr)
-    os.environ.pop("FAMKD_BENCH", None)

@@ -36,3 +36,32 @@ def plot_results(rows: list[dict], env: dict, folder: Path) -> None:
         fig.tight_layout()
         fig.savefig(folder / f"{workload}.png", dpi=110)
         plt.close(fig)
+
+
+def summary_markdown(rows: list[dict], env: dict) -> str:
+    """A Markdown table: median time per provider and the speed-up over eager."""
+    from collections import defaultdict
+
+    table: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        table[(r["case"], r["workload"], r["dtype"], r["pass"])][r["provider"]] = r
+    providers = sorted({r["provider"] for r in rows}, key=lambda p: (p != "eager", p))
+    head = "| case | workload | dtype | pass | " + " | ".join(f"{p} ms" for p in providers)
+    head += " | " + " | ".join(f"{p} vs eager" for p in providers if p != "eager") + " | peak MB (eager) |"
+    lines = [
+        f"Device: {env['device']} ({env['device_type']}), torch {env['torch']}, triton {env['triton']}, "
+        f"Python {env['python']}, commit {env['commit']}, {env['cpu_threads']} CPU threads.",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    for key in sorted(table):
+        cells = table[key]
+        eager = cells.get("eager", {}).get("median_ms")
+        times = [f"{cells[p]['median_ms']:.2f}" if p in cells else "-" for p in providers]
+        ratios = [
+            f"{eager / cells[p]['median_ms']:.2f}x" if p in cells and eager else "-" for p in providers if p != "eager"
+        ]
+        peak = cells.get("eager", {}).get("peak_mem_mb")
+        lines.append("| " + " | ".join([*key, *times, *ratios, "-" if peak is None else f"{peak:.1f}"]) + " |")
+    return "\n".join(lines) + "\n"

@@ -150,7 +150,7 @@ def test_loss_speed(benchmark, record, device, case_name, dtype_name, workload, 
         base = torch.cuda.memory_allocated(device)
         run()
         peak = torch.cuda.max_memory_allocated(device) - base
-    rounds = 20 if device.type == "cuda" else 3
+    rounds = 20 if device.type == "cuda" else 7
     benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
     median = benchmark.stats.stats.median
     read, written = _bytes([*s, *t, *(zs or []), *(zt or [])], [*s, *(zs or [])] if grad else [])
