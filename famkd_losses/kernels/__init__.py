@@ -20,7 +20,7 @@ try:  # triton is optional
 except Exception:  # ImportError, or a broken install
     HAS_TRITON = False
 
-__all__ = ["HAS_TRITON", "interpreter_enabled", "can_run"]
+__all__ = ["HAS_TRITON", "interpreter_enabled", "can_run", "on_device"]
 
 
 def interpreter_enabled() -> bool:
@@ -28,12 +28,39 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# Kernels index within one image with 32-bit offsets and put the batch on a grid axis.
+_MAX_OFFSET = 2**31 - 1
+_MAX_GRID_YZ = 65535
+
+
+def _per_image_extent(t: torch.Tensor) -> int:
+    """The largest element offset within one image (dims after the first), from the strides."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape[1:], t.stride()[1:]) if size > 0)
+
+
 def can_run(*tensors: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on these tensors: triton present and the tensors on
-    CUDA, or on CPU under the interpreter."""
+    """Whether the Triton kernels can run on these tensors: triton present, all tensors on one
+    CUDA device (or on CPU under the interpreter), per-image offsets within 32 bits and the
+    batch within a grid axis. Otherwise the losses use the reference."""
     if not HAS_TRITON or not tensors:
         return False
-    devices = {t.device.type for t in tensors}
-    if devices == {"cuda"}:
-        return True
-    return devices == {"cpu"} and interpreter_enabled()
+    devices = {t.device for t in tensors}
+    if len(devices) != 1:
+        return False
+    (device,) = devices
+    if not (device.type == "cuda" or (device.type == "cpu" and interpreter_enabled())):
+        return False
+    return all(t.dim() == 0 or (t.shape[0] <= _MAX_GRID_YZ and _per_image_extent(t) <= _MAX_OFFSET) for t in tensors)
+
+
+class _NullContext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def on_device(t: torch.Tensor):
+    """Context to launch on ``t``'s GPU (triton launches on the current device and stream)."""
+    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..functional._dtypes import acc
 from ..functional.logits import HEADS
-from . import HAS_TRITON, can_run
+from . import HAS_TRITON, can_run, on_device
 
 __all__ = [
     "MAX_SOFTMAX_CLASSES",
@@ -405,6 +405,15 @@ def _forward(s: Tensor, t: Tensor, head: str, temperature: float, num_classes: i
     ss, ts = _strides(s, split), _strides(t, split)
     block_p, block_k, num_warps = _blocks(head, c, k, p, positions_contiguous=ss[3] == 1 and not split)
     grid = (triton.cdiv(p, block_p), n)
+    with on_device(s):
+        _launch_forward(
+            head, grid, s, t, kl, d, a, k, c, p, width, ss, ts, temperature, split, block_p, block_k, num_warps
+        )
+    return kl, d
+
+
+def _launch_forward(head, grid, s, t, kl, d, a, k, c, p, width, ss, ts, temperature, split, block_p, block_k,
+                    num_warps) -> None:  # fmt: skip
     if head == "sigmoid":
         _sigmoid_fwd_kernel[grid](
             s, t, kl, d, c, p, width, *ss, *ts, 1.0 / temperature, 1.0 / c,
@@ -415,7 +424,6 @@ def _forward(s: Tensor, t: Tensor, head: str, temperature: float, num_classes: i
             s, t, kl, d, a, k, p, width, *ss, *ts, 1.0 / temperature, 1.0 / c,
             SPLIT_HW=split, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
         )  # fmt: skip
-    return kl, d
 
 
 def _backward(s: Tensor, t: Tensor, dkl: Tensor, head: str, temperature: float, num_classes: int | None) -> Tensor:
@@ -428,6 +436,34 @@ def _backward(s: Tensor, t: Tensor, dkl: Tensor, head: str, temperature: float, 
     block_p, block_k, num_warps = _blocks(head, c, k, p, positions_contiguous=ss[3] == 1 and not split)
     grid = (triton.cdiv(p, block_p), n)
     gstr = dkl.stride()
+    with on_device(s):
+        _launch_backward(
+            head,
+            grid,
+            s,
+            t,
+            dkl,
+            gs,
+            a,
+            k,
+            c,
+            p,
+            width,
+            ss,
+            ts,
+            os_,
+            gstr,
+            temperature,
+            split,
+            block_p,
+            block_k,
+            num_warps,
+        )
+    return gs
+
+
+def _launch_backward(head, grid, s, t, dkl, gs, a, k, c, p, width, ss, ts, os_, gstr, temperature, split, block_p,
+                     block_k, num_warps) -> None:  # fmt: skip
     if head == "sigmoid":
         _sigmoid_bwd_kernel[grid](
             s, t, dkl, gs, c, p, width, *ss, *ts, *os_, *gstr, 1.0 / temperature,
@@ -438,7 +474,6 @@ def _backward(s: Tensor, t: Tensor, dkl: Tensor, head: str, temperature: float, 
             s, t, dkl, gs, a, k, p, width, *ss, *ts, *os_, *gstr, 1.0 / temperature,
             SPLIT_HW=split, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
         )  # fmt: skip
-    return gs
 
 
 class PositionKL(torch.autograd.Function):

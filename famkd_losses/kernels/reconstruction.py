@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..functional import fuse_reconstructions, reconstruction_error
-from . import HAS_TRITON, can_run
+from . import HAS_TRITON, can_run, on_device
 
 __all__ = ["fused_reconstruction_error"]
 
@@ -230,11 +230,15 @@ class _Launcher:
         self.args = (r0, r1, target, a_sp, a_ch, w)
 
     def __call__(self, part, g=None, dr0=None, dr1=None, backward=False, need_dw=False):
+        r0, a_sp = self.args[0], self.args[3]
+        sp = _spatial_strides(a_sp, self.shape[2], self.shape[3], self.merged)
+        with on_device(r0):  # triton launches on the current device
+            self._launch(part, g, dr0, dr1, backward, need_dw, sp, r0)
+
+    def _launch(self, part, g, dr0, dr1, backward, need_dw, sp, dummy):
         r0, r1, target, a_sp, a_ch, w = self.args
         n, c, h, wd = self.shape
         m = self.merged
-        sp = _spatial_strides(a_sp, h, wd, m)
-        dummy = r0
         _recon_kernel[(self.programs,)](
             r0,
             dummy if r1 is None else r1,

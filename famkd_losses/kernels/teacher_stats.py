@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from ..functional import active_scales, channel_saliency, max_pool, maxpool_pyramid, spatial_saliency
-from . import HAS_TRITON, can_run
+from . import HAS_TRITON, can_run, on_device
 
 __all__ = ["teacher_saliency_pyramid", "max_pool_pyramid_student"]
 
@@ -317,19 +317,6 @@ def _use_kernels(x: Tensor) -> bool:
     return x.dtype in _KERNEL_DTYPES and x.numel() > 0 and can_run(x)
 
 
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
-def _on_device(x: Tensor):
-    """Launch on ``x``'s GPU (triton launches on the current device)."""
-    return torch.cuda.device(x.device) if x.is_cuda else _NullContext()
-
-
 def _pool_launch(
     x: Tensor, group: tuple[int, ...], *, stats: bool, argmax: bool, tile: int | None, block_c: int | None
 ) -> list[tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]]:
@@ -374,7 +361,7 @@ def _pool_launch(
         for p, t in zip(ptrs, (out, idx, sp, ch)):
             p.append(dummy if t is None else t)
         results.append((out, idx, sp, ch))
-    with _on_device(x):
+    with on_device(x):
         _pyramid_fwd_kernel[(n_tiles, n_cb, n)](
             x,
             *x.stride(),
@@ -485,7 +472,7 @@ def _pool_backward(
             consts[f"S{i}"] = s
         g1 = g_one if (k == 0 and g_one is not None) else None
         g1_args = [dummy, 0, 0, 0, 0] if g1 is None else [g1, *g1.stride()]
-        with _on_device(dx):
+        with on_device(dx):
             _pyramid_bwd_kernel[grid](
                 dx,
                 *dx.stride(),
@@ -502,6 +489,7 @@ def _pool_backward(
                 BC=bc,
                 HAS_G1=g1 is not None,
                 ACCUMULATE=k > 0,
+                num_warps=8,  # 4 warps need ~250 registers/thread on sm_90 (AOT-compiled, triton 3.8)
             )
     return dx
 

@@ -188,3 +188,16 @@ def test_fgd_triton_matches_torch(kernel_calls):
         assert (a is None) == (b is None)
         if a is not None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+
+
+def test_can_run_limits():
+    from famkd_losses.kernels import _MAX_OFFSET, _per_image_extent, can_run
+
+    x = torch.zeros(2, 3, 4, 5)
+    assert can_run(x, x)
+    assert not can_run(x, torch.zeros(1, device="meta"))  # one device only
+    # per-image extent beyond 32-bit offsets (a meta tensor: no memory), and the check itself
+    big = torch.empty(2, 3, 2**15, 2**15, device="meta")
+    assert _per_image_extent(big) == 2 * 2**30 + (2**15 - 1) * 2**15 + 2**15 - 1 > _MAX_OFFSET
+    assert _per_image_extent(x) == 3 * 4 * 5 - 1
+    assert not can_run(torch.zeros(65536, 1).expand(65536, 1))  # batch beyond a grid axis

@@ -277,7 +277,8 @@ def test_large_nearly_equal_logits(head):
     if head == "sigmoid":
         # kernel and float32 reference both use the sign-flipped closed form (no cancellation)
         ref_err = (position_kl(s, t, head=head).double() - exact).abs().max()
-        assert (kl.double() - exact).abs().max() <= 5e-7 and ref_err <= 5e-7
+        # (1e-6: the GPU's exp and division are approximate, the interpreter's are exact)
+        assert (kl.double() - exact).abs().max() <= 1e-6 and ref_err <= 1e-6
 
 
 def test_empty_maps():
