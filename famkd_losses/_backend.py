@@ -1,8 +1,8 @@
 """Which implementation runs a loss.
 
-- ``"torch"``: the reference in :mod:`famkd_losses.functional` (eager PyTorch);
+- ``"torch"``: the reference in `famkd_losses.functional` (eager PyTorch);
 - ``"compile"``: ``torch.compile`` of the reference, compiled on the first call;
-- ``"triton"``: the fused kernels of :mod:`famkd_losses.kernels` (CUDA tensors, or CPU tensors
+- ``"triton"``: the fused kernels of `famkd_losses.kernels` (CUDA tensors, or CPU tensors
   under ``TRITON_INTERPRET=1``); an error where they cannot run;
 - ``"auto"`` (default): the kernels on CUDA tensors when triton is importable, else the
   reference.

@@ -86,7 +86,7 @@ def selection_keys(
 def select_mask(
     scores: Tensor, ratio: float, mode: str = "topk", tau: float = 0.5, generator: torch.Generator | None = None
 ) -> Tensor:
-    """Mask of (N, M) scores under a mask mode (see :func:`selection_keys`); float32 (N, M)."""
+    """Mask of (N, M) scores under a mask mode (see `selection_keys`); float32 (N, M)."""
     keys, largest = selection_keys(scores, mode, tau, generator)
     return topk_mask(keys, ratio, largest=largest)
 

@@ -47,7 +47,7 @@ def teacher_pyramid(t: Tensor, scales: Sequence[int]) -> list[tuple[Tensor, Tens
 
 
 def blockwise_upsample(x: Tensor, scale: int, size: tuple[int, int]) -> Tensor:
-    """Undo :func:`max_pool` on the grid: every cell repeated ``scale x scale``, cropped to ``size``.
+    """Undo `max_pool` on the grid: every cell repeated ``scale x scale``, cropped to ``size``.
 
     (..., h, w) -> (..., H, W); each position receives the value of the window that pooled it.
     """

@@ -3,7 +3,7 @@
 Each submodule imports its codebase lazily, so importing this package needs nothing beyond
 torch; using a submodule without its codebase raises ``ImportError`` naming the extra to install.
 
-- :mod:`famkd_losses.integrations.torchvision`: FPN features, dense class logits, input size and
+- `famkd_losses.integrations.torchvision`: FPN features, dense class logits, input size and
   resized boxes from torchvision's FCOS and RetinaNet (``pip install famkd-losses[torchvision]``).
 """
 

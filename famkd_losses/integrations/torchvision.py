@@ -1,6 +1,6 @@
 """FPN features and dense class logits from torchvision's FCOS and RetinaNet.
 
-The teacher runs under :func:`teacher_outputs` (eval mode, no graph, no post-processing); the
+The teacher runs under `teacher_outputs` (eval mode, no graph, no post-processing); the
 student's tensors are tapped with forward hooks while it computes its own detection losses::
 
     t = teacher_outputs(teacher, images, targets)
@@ -133,7 +133,7 @@ def teacher_outputs(
             pixels; they come back resized like the images in ``boxes``.
 
     Returns:
-        :class:`DetectorOutputs` with no graph (``requires_grad=False``).
+        `DetectorOutputs` with no graph (``requires_grad=False``).
     """
     _require_torchvision()
     _check_model(model)
@@ -154,7 +154,7 @@ def teacher_outputs(
 
 
 class StudentTaps:
-    """Forward hooks that collect a detector's :class:`DetectorOutputs` while it runs its own forward.
+    """Forward hooks that collect a detector's `DetectorOutputs` while it runs its own forward.
 
     ::
 
@@ -165,7 +165,7 @@ class StudentTaps:
     Hooks go on ``model.transform`` (image size, resized targets), ``model.backbone`` (FPN levels) and
     ``model.head.classification_head`` ((N, sum HWA, K) logits, turned into (N, A*K, H_l, W_l) maps).
     They are removed when the block exits, exceptions included. If the model runs several times inside
-    the block, :meth:`outputs` gives the last run. Not re-entrant; a finished instance can be entered again.
+    the block, `outputs` gives the last run. Not re-entrant; a finished instance can be entered again.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -209,7 +209,7 @@ class StudentTaps:
         self._handles.clear()
 
     def outputs(self) -> DetectorOutputs:
-        """The last forward's :class:`DetectorOutputs` (graph attached in train mode)."""
+        """The last forward's `DetectorOutputs` (graph attached in train mode)."""
         missing = [k for k in ("batch", "features", "flat_logits") if k not in self._captured]
         if missing:
             raise RuntimeError(

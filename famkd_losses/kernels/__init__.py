@@ -1,7 +1,7 @@
 """Fused Triton kernels for the hot paths, each an ``autograd.Function`` with a fused backward
-and the same semantics as its reference in :mod:`famkd_losses.functional`.
+and the same semantics as its reference in `famkd_losses.functional`.
 
-Importing this package never fails: without triton, :data:`HAS_TRITON` is False and the
+Importing this package never fails: without triton, `HAS_TRITON` is False and the
 losses run the reference. Triton kernels run on CUDA tensors, and on CPU tensors only in
 Triton's interpreter (``TRITON_INTERPRET=1`` set before triton is imported), which is how
 they are tested without a GPU.

@@ -2,9 +2,9 @@
 
 One read of the student and teacher logits gives both
 
-- ``kl`` (N, P) float32 = :func:`famkd_losses.functional.position_kl` (KL summed over anchors
+- ``kl`` (N, P) float32 = `famkd_losses.functional.position_kl` (KL summed over anchors
   and classes, no ``T^2`` factor), differentiable w.r.t. the student logits, and
-- ``d`` (N, P) float32 = :func:`famkd_losses.functional.position_prob_diff` (``mean_{a,k} |p - q|``),
+- ``d`` (N, P) float32 = `famkd_losses.functional.position_prob_diff` (``mean_{a,k} |p - q|``),
   non-differentiable,
 
 and the backward writes ``d s = dkl[n, p] * (q - p) / T`` in one pass that recomputes ``p`` and
@@ -20,7 +20,7 @@ student's dtype and, for a dense-and-non-overlapping student, its strides.
 Grid: one program per (block of positions, image), owning its outputs (no atomics). The sigmoid
 head loops over the A*K channels in ``BLOCK_C`` chunks of a ``[BLOCK_P, BLOCK_C]`` tile; the
 softmax head loops over the anchors with a ``[BLOCK_P, BLOCK_K]`` tile, ``BLOCK_K =
-next_power_of_2(K)`` (K up to :data:`MAX_SOFTMAX_CLASSES`). Tiles are oriented along whichever of
+next_power_of_2(K)`` (K up to `MAX_SOFTMAX_CLASSES`). Tiles are oriented along whichever of
 positions (NCHW) or channels (channels_last, flattened) is contiguous in the student.
 """
 
@@ -379,8 +379,8 @@ def _check(s: Tensor, t: Tensor, head: str, temperature: float, num_classes: int
 
 
 def supported(s_logits: Tensor, t_logits: Tensor, *, head: str = "sigmoid", num_classes: int | None = None) -> bool:
-    """Whether :func:`position_kl_and_guidance` can run on these logits (triton and device, dtypes,
-    and for the softmax head K <= :data:`MAX_SOFTMAX_CLASSES`). Shapes are not checked."""
+    """Whether `position_kl_and_guidance` can run on these logits (triton and device, dtypes,
+    and for the softmax head K <= `MAX_SOFTMAX_CLASSES`). Shapes are not checked."""
     if not can_run(s_logits, t_logits):
         return False
     if s_logits.dtype not in SUPPORTED_DTYPES or t_logits.dtype not in SUPPORTED_DTYPES:
@@ -511,8 +511,9 @@ def position_kl_and_guidance(
     """Per-position KL and logit guidance from one read of the logits.
 
     Args:
-        s_logits, t_logits: dense ``(N, A*K, H, W)`` or flattened ``(N, P, K)``, same shape, any
-            strides, float32/float16/bfloat16 (may differ between the two).
+        s_logits: student logits, dense ``(N, A*K, H, W)`` or flattened ``(N, P, K)``, any
+            strides, float32/float16/bfloat16.
+        t_logits: teacher logits of the same shape (the dtype may differ from the student's).
         head: ``"sigmoid"`` (per-class binary KL) or ``"softmax"`` (KL over each anchor's K classes).
         temperature: T > 0.
         num_classes: K splitting dense channels into anchors (``None``: one anchor); ignored

@@ -1,7 +1,7 @@
 """Fused reconstruction loss of one scale: branch fusion, attention weighting, squared error and
 reduction in one Triton kernel, with a one-pass fused backward.
 
-Reference (:mod:`famkd_losses.functional.reconstruction`)::
+Reference (`famkd_losses.functional.reconstruction`)::
 
     w = softmax(theta)                                     # (B,), B = 1 or 2
     loss = sum(a_sp * a_ch * (sum_b w_b R_b - T)^2) / N    # float32 scalar
@@ -20,7 +20,7 @@ Strides are passed to the kernel, so channels_last, sliced and expanded inputs a
 contiguous, channels_last, most slices) the kernel skips the ``hw // W`` split.
 
 Falls back to the reference (autograd through plain PyTorch) for: float64 (or non-floating)
-inputs, tensors the kernels cannot run on (see :func:`famkd_losses.kernels.can_run`), more than
+inputs, tensors the kernels cannot run on (see `famkd_losses.kernels.can_run`), more than
 two branches, shapes that are not exactly (N, C, H, W) for every reconstruction and the target
 (attention maps may broadcast: they are expanded, stride 0), empty tensors, and a target or
 attention map that requires grad while grad mode is on (the kernel gives those no gradient; the

@@ -1,13 +1,13 @@
 """Fused max-pool pyramids of one FPN level: the teacher's statistics and the student's pooling.
 
-Both read the (N, C, H, W) map once for every active scale (:func:`~famkd_losses.functional.active_scales`):
+Both read the (N, C, H, W) map once for every active scale (`~famkd_losses.functional.active_scales`):
 one program owns ``(n, a spatial region, a block of channels)`` and pools that region at every scale.
 The region is a multiple of the least common multiple of the scales, so each pooling window lies in one
 region (scales are packed into launches of at most four whose lcm is at most 32).
 
-- :func:`teacher_saliency_pyramid`: per scale ``t_s = max_pool(t, s)`` and its saliencies
+- `teacher_saliency_pyramid`: per scale ``t_s = max_pool(t, s)`` and its saliencies
   ``mean_c |t_s|`` / ``mean_{h,w} |t_s|`` (float32), no autograd.
-- :func:`max_pool_pyramid_student`: per scale ``max_pool(x, s)`` as an ``autograd.Function`` whose backward
+- `max_pool_pyramid_student`: per scale ``max_pool(x, s)`` as an ``autograd.Function`` whose backward
   routes every scale's gradient to its window's argmax and writes ``dX`` once.
 
 Semantics are those of ``torch.nn.functional.max_pool2d(x, s, s, ceil_mode=True)``: partial last windows,
@@ -16,7 +16,7 @@ the *first* maximum in row-major window order (an all ``-inf`` window picks its 
 
 Arithmetic is float32 (half/bfloat16 are converted after loading); reductions are deterministic: no
 atomics, the partial sums of each program are added by ``torch.sum`` in a fixed order. Inputs may have
-any strides. float64 inputs, tensors the kernels cannot run on (see :func:`can_run`) and empty tensors
+any strides. float64 inputs, tensors the kernels cannot run on (see `can_run`) and empty tensors
 use the PyTorch reference.
 """
 

@@ -11,7 +11,7 @@ __all__ = ["DistillationLoss"]
 
 
 class DistillationLoss(nn.Module):
-    """An ``nn.Module`` loss that remembers the parts of its last call (see :meth:`last_terms`)."""
+    """An ``nn.Module`` loss that remembers the parts of its last call (see `last_terms`)."""
 
     def __init__(self) -> None:
         super().__init__()

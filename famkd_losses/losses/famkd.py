@@ -24,20 +24,21 @@ class FAMKDLoss(DistillationLoss):
     Args:
         student_channels: Cs per level, e.g. ``[128] * 5`` (an int: one level).
         teacher_channels: Ct per level, e.g. ``[256] * 5`` (an int: one level).
-        scales, mask_mode, ratio_sp, ratio_ch, tau, branches, weighting, scale_weights, alpha,
-        share_generators, resize_student: passed to every
-            :class:`ScaleAwareMaskedFeatureLoss` (see there).
         seed: seed of the random mask modes; level l uses ``seed + l``.
-        head, temperature, guidance, region_scales, weights, tau_w, ratio_l, beta,
-        num_classes: passed to :class:`MaskedLogitsLoss` (see there). With
-            ``guidance="feature"`` the logits of level l are guided by ``align(S_l)`` and
-            ``T_l``, so logits and features must come in the same number of levels.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (see the README).
+
+    The feature options ``scales``, ``mask_mode``, ``ratio_sp``, ``ratio_ch``, ``tau``,
+    ``branches``, ``weighting``, ``scale_weights``, ``alpha``, ``share_generators`` and
+    ``resize_student`` are passed to every `ScaleAwareMaskedFeatureLoss`; the logits options
+    ``head``, ``temperature``, ``guidance``, ``region_scales``, ``weights``, ``tau_w``,
+    ``ratio_l``, ``beta`` and ``num_classes`` to `MaskedLogitsLoss` (see those classes for
+    their meaning and defaults). With ``guidance="feature"`` the logits of level l are guided
+    by ``align(S_l)`` and ``T_l``, so logits and features must come in the same number of levels.
 
     ``forward(s_feats, t_feats, s_logits=None, t_logits=None)``: features as sequences (or
     mappings, such as torchvision's FPN output) of (N, C_l, H_l, W_l) maps; logits optional
     (feature-only distillation when both are ``None``). Returns a float32 scalar (float64 for
-    float64 inputs). :meth:`last_terms` gives its parts: ``"total"``, ``"feature"``,
+    float64 inputs). `last_terms` gives its parts: ``"total"``, ``"feature"``,
     ``"feature/level{l}"``, ``"feature/level{l}/scale{s}"`` (the contribution of each scale
     used) and, with logits, ``"logits"`` and ``"logits/level{l}"``.
     """

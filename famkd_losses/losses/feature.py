@@ -75,7 +75,7 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             as float64, run the reference).
 
     Shapes: student (N, Cs, H, W), teacher (N, Ct, H, W) (detached here). Returns a float32
-    scalar (float64 for float64 inputs). After a call, :meth:`last_terms` gives ``"total"`` and
+    scalar (float64 for float64 inputs). After a call, `last_terms` gives ``"total"`` and
     ``"scale{s}"``, the contribution of each scale used.
 
     Masks and attention carry no gradient; gradients reach the student, the align conv, the

@@ -50,9 +50,14 @@ class FGDLoss(DistillationLoss):
     two-stage ``5e-5, 2.5e-5, 5e-5, 5e-7``; FCOS ``tau=0.8, 1.6e-3, 8e-4, 8e-4, 8e-6``.
 
     Args:
-        student_channels, teacher_channels: ints for one level, or sequences (one per level,
-            summed; each level's layers in :attr:`levels`).
-        tau, alpha, beta, gamma, lam: as above.
+        student_channels: Cs, an int for one level, or a sequence (one per level, summed; each
+            level's layers in ``levels``).
+        teacher_channels: Ct, an int or a sequence like ``student_channels``.
+        tau: attention temperature.
+        alpha: weight of the foreground term.
+        beta: weight of the background term.
+        gamma: weight of the attention-imitation term.
+        lam: weight of the global-context term.
         resize_student: bilinearly resize the student to the teacher's size if they differ.
         backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (the teacher statistics
             and the attention-weighted error run fused).

@@ -31,7 +31,7 @@ class KDLoss(DistillationLoss):
     """``loss_weight * tau^2 * KL(teacher || student)`` averaged over samples.
 
     ``mode="softmax"``: Hinton's KL between ``softmax(z/tau)`` over the classes; ``"sigmoid"``:
-    the per-class binary KL (as in :class:`MaskedLogitsLoss`), summed over classes. Every
+    the per-class binary KL (as in `MaskedLogitsLoss`), summed over classes. Every
     index other than the class one is a sample, and the KL is averaged over samples.
 
     Layouts: (N, K) or (N, P, K) logits have the classes last. Dense (N, A*K, H, W) head

@@ -67,7 +67,7 @@ class MaskedLogitsLoss(DistillationLoss):
             the softmax head on dense logits; the sigmoid head sums over anchors and classes
             alike, so it only checks that the channels are a multiple of K.
         backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (the fused KL kernel of
-            :mod:`famkd_losses.kernels.logits_kl`; float64 logits fall back to the reference).
+            `famkd_losses.kernels.logits_kl`; float64 logits fall back to the reference).
 
     Inputs: one level or a sequence (or mapping) of levels, each dense ``(N, A*K, H, W)`` or
     flattened ``(N, P, K)``; student and teacher of the same shape. In the dense layout a

@@ -40,9 +40,9 @@ class MGDLoss(DistillationLoss):
     ``ratio=0.45, alpha=5e-7``.
 
     Args:
-        student_channels, teacher_channels: ints for one level, or sequences (one entry per
-            level; the loss is then summed over levels, each level with its own layers in
-            :attr:`levels`).
+        student_channels: Cs, an int for one level, or a sequence (one entry per level; the
+            loss is then summed over levels, each level with its own layers in ``levels``).
+        teacher_channels: Ct, an int or a sequence like ``student_channels``.
         ratio: masking probability, in [0, 1).
         alpha: loss weight.
         mask: ``"spatial"`` or ``"channel"``.

@@ -29,7 +29,8 @@ class PKDLoss(DistillationLoss):
         loss_weight: overall weight (published detection configs use 1 to 6).
         resize_student: when spatial sizes differ, resize the student bilinearly to the
             teacher (default, as the official code), else the teacher to the student.
-        backend: ``"auto"`` or ``"torch"``.
+        backend: ``"auto"``, ``"torch"`` or ``"compile"`` (``"triton"`` runs the reference: PKD
+            has no kernel).
 
     Inputs: one (N, C, H, W) pair or sequences of levels; N*H*W >= 2 per level.
     """
