@@ -2,7 +2,7 @@
 
 Drop-in ``nn.Module`` losses over plain tensors (FPN features ``(N, C, H, W)`` per level and
 class logits), with the related losses (MGD, FGD, PKD, CWD, KD) beside them. The reference
-maths lives in :mod:`famkd_losses.functional`.
+maths lives in `famkd_losses.functional`.
 """
 
 from . import functional
