@@ -5,6 +5,8 @@ torch; using a submodule without its codebase raises ``ImportError`` naming the 
 
 - `famkd_losses.integrations.torchvision`: FPN features, dense class logits, input size and
   resized boxes from torchvision's FCOS and RetinaNet (``pip install famkd-losses[torchvision]``).
+- `famkd_losses.integrations.mmdet`: registers every loss in MMEngine's ``MODELS`` registry, for
+  mmdetection/mmrazor configs (``pip install famkd-losses[mmdet]``).
 """
 
 __all__: list[str] = []

@@ -1,0 +1,517 @@
+"""famkd_losses.integrations.mmdet: the losses in MMEngine's MODELS registry, as mmdet/mmrazor configs use them.
+
+Needs mmengine only. mmdet and mmrazor are not imported: mmrazor's way of calling a loss
+(``ConfigurableDistiller`` 1.0.0: recorders, ``_check_loss_forward_mappings``,
+``compute_distill_losses``) is transcribed in `_distill` below and run on a tiny RetinaNet-shaped
+model with the example config's distiller.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import math
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+mmengine = pytest.importorskip(
+    "mmengine", reason="mmengine is not installed (pip install famkd-losses[mmdet]); the mmdet integration is untested"
+)
+
+from mmengine import Config  # noqa: E402
+from mmengine.registry import MODELS, DefaultScope, Registry  # noqa: E402
+from mmengine.structures import BaseDataElement, InstanceData  # noqa: E402
+from mmengine.utils import import_modules_from_strings  # noqa: E402
+
+import famkd_losses  # noqa: E402
+from famkd_losses.integrations import mmdet as mm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "mmrazor" / "famkd_retinanet_x101_r50.py"
+NAMES = [
+    "FAMKDLoss",
+    "ScaleAwareMaskedFeatureLoss",
+    "MaskedLogitsLoss",
+    "MGDLoss",
+    "FGDLoss",
+    "PKDLoss",
+    "CWDLoss",
+    "KDLoss",
+]
+K = 3  # classes of the small configs
+
+# One small config per registered name; each loss's call uses the forward argument names, as
+# mmrazor's loss_forward_mappings must.
+SMALL_CFGS = {
+    "FAMKDLoss": dict(type="FAMKDLoss", student_channels=[4, 4], teacher_channels=[8, 8], alpha=1e-3, num_classes=K),
+    "ScaleAwareMaskedFeatureLoss": dict(type="ScaleAwareMaskedFeatureLoss", student_channels=4, teacher_channels=8),
+    "MaskedLogitsLoss": dict(type="MaskedLogitsLoss", num_classes=K, beta=2.0),
+    "MGDLoss": dict(type="MGDLoss", student_channels=4, teacher_channels=8, alpha=1e-3),
+    "FGDLoss": dict(type="FGDLoss", student_channels=[4, 4], teacher_channels=[8, 8]),
+    "PKDLoss": dict(type="PKDLoss", loss_weight=6.0),
+    "CWDLoss": dict(type="CWDLoss", tau=1.0, loss_weight=10.0),
+    "KDLoss": dict(type="KDLoss", mode="sigmoid", num_classes=K),
+}
+
+
+def _inputs(name: str, gen: torch.Generator) -> dict:
+    """Keyword inputs for ``SMALL_CFGS[name]`` (student tensors require grad)."""
+
+    def t(*shape, grad=False):
+        return torch.randn(*shape, generator=gen).requires_grad_(grad)
+
+    s2, t2 = [t(2, 4, 8, 8, grad=True), t(2, 4, 4, 4, grad=True)], [t(2, 8, 8, 8), t(2, 8, 4, 4)]
+    logits_s, logits_t = (
+        [t(2, 2 * K, 8, 8, grad=True), t(2, 2 * K, 4, 4, grad=True)],
+        [t(2, 2 * K, 8, 8), t(2, 2 * K, 4, 4)],
+    )
+    if name == "FAMKDLoss":
+        return dict(s_feats=tuple(s2), t_feats=tuple(t2), s_logits=logits_s, t_logits=logits_t)
+    if name == "ScaleAwareMaskedFeatureLoss":
+        return dict(s_feat=s2[0], t_feat=t2[0])
+    if name in ("MaskedLogitsLoss", "KDLoss"):
+        return dict(s_logits=logits_s, t_logits=logits_t)
+    if name == "MGDLoss":
+        return dict(s_feats=s2[0], t_feats=t2[0])
+    if name == "FGDLoss":
+        boxes = [torch.tensor([[4.0, 4.0, 40.0, 50.0]]), torch.zeros(0, 4)]
+        return dict(s_feats=tuple(s2), t_feats=tuple(t2), boxes=boxes, image_size=(64, 64))
+    # PKD, CWD: equal channels, no align layer
+    return dict(s_feats=(t(2, 8, 8, 8, grad=True), t(2, 8, 4, 4, grad=True)), t_feats=tuple(t2))
+
+
+def _check_runs(loss: nn.Module, kwargs: dict) -> torch.Tensor:
+    value = loss(**kwargs)
+    assert value.dim() == 0 and torch.isfinite(value), value
+    value.backward()
+    students = [v for v in kwargs.values() for v in (v if isinstance(v, (list, tuple)) else [v])]
+    assert any(isinstance(v, torch.Tensor) and v.grad is not None and v.grad.abs().sum() > 0 for v in students)
+    return value
+
+
+@pytest.fixture
+def child_registry():
+    """A child of mmengine's MODELS, as ``mmrazor.registry.MODELS`` is; removed afterwards."""
+    scope = f"famkd_test_{uuid.uuid4().hex[:8]}"
+    child = Registry("model", parent=MODELS, scope=scope)
+    yield child
+    MODELS._children.pop(scope, None)
+
+
+# ---- register() ------------------------------------------------------------------------------
+
+
+def test_import_registered_all_names_in_mmengine_models():
+    assert mm.REGISTERED_ON_IMPORT == NAMES
+    for name in NAMES:
+        assert MODELS.get(name) is mm.loss_classes()[name]
+    assert MODELS.get("FAMKDLoss") is famkd_losses.FAMKDLoss
+    assert issubclass(MODELS.get("FGDLoss"), famkd_losses.FGDLoss)
+
+
+def test_register_all_names_in_a_fresh_registry_and_is_idempotent():
+    reg = Registry("model")
+    assert mm.register(reg) == NAMES == list(mm.LOSS_NAMES)
+    assert sorted(reg.module_dict) == sorted(NAMES)
+    assert mm.register(reg) == NAMES  # again: fine, nothing changes
+    assert mm.register(reg, force=True) == NAMES
+    assert mm.register() == NAMES  # the default registry, already filled at import
+    for name in NAMES:
+        assert reg.get(name) is mm.loss_classes()[name]
+
+
+def test_register_refuses_a_clash_atomically_unless_forced():
+    reg = Registry("model")
+
+    class Other(nn.Module):
+        pass
+
+    reg.register_module(name="MGDLoss", module=Other)
+    with pytest.raises(KeyError, match=r"MGDLoss .*force=True"):
+        mm.register(reg)
+    assert list(reg.module_dict) == ["MGDLoss"]  # nothing half-registered
+    assert mm.register(reg, force=True) == NAMES
+    assert reg.get("MGDLoss") is famkd_losses.MGDLoss
+
+
+def test_register_rejects_a_non_registry():
+    with pytest.raises(TypeError, match="mmengine Registry"):
+        mm.register({})
+
+
+def test_missing_mmengine_import_succeeds_and_register_names_the_extra(monkeypatch):
+    """A fresh copy of the module with mmengine unimportable: the import works, register() says what to install."""
+    for mod in [m for m in sys.modules if m == "mmengine" or m.startswith("mmengine.")]:
+        monkeypatch.setitem(sys.modules, mod, None)
+    name = "famkd_losses.integrations._mmdet_without_mmengine"
+    spec = importlib.util.spec_from_file_location(name, mm.__file__)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    assert module.REGISTERED_ON_IMPORT == []
+    with pytest.raises(ImportError, match=r"pip install famkd-losses\[mmdet\]"):
+        module.register()
+
+
+# ---- building from configs -------------------------------------------------------------------
+
+
+def test_build_famkd_from_models_and_train_it():
+    loss = MODELS.build(dict(type="FAMKDLoss", student_channels=[4, 4], teacher_channels=[8, 8], alpha=1e-3))
+    assert isinstance(loss, famkd_losses.FAMKDLoss) and loss.num_levels == 2
+    gen = torch.Generator().manual_seed(0)
+    s = [torch.randn(2, 4, 8, 8, generator=gen, requires_grad=True), torch.randn(2, 4, 4, 4, generator=gen)]
+    s[1].requires_grad_(True)
+    t = [torch.randn(2, 8, 8, 8, generator=gen), torch.randn(2, 8, 4, 4, generator=gen)]
+    value = loss(s, t)
+    assert torch.isfinite(value) and value > 0
+    value.backward()
+    assert all(x.grad is not None and x.grad.abs().sum() > 0 for x in s)
+    assert all(p.grad is not None for p in loss.parameters())  # align convs, generators, fusion weights
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_type_builds_and_runs_with_keyword_inputs(name):
+    loss = MODELS.build(dict(SMALL_CFGS[name]))
+    assert isinstance(loss, getattr(famkd_losses, name))
+    _check_runs(loss, _inputs(name, torch.Generator().manual_seed(1)))
+
+
+def test_single_level_losses_take_single_tensors_as_mmrazor_passes_one_connector_output():
+    gen = torch.Generator().manual_seed(2)
+    s, t = torch.randn(2, 4, 8, 8, generator=gen, requires_grad=True), torch.randn(2, 8, 8, 8, generator=gen)
+    zs, zt = torch.randn(2, 9 * K, 8, 8, generator=gen, requires_grad=True), torch.randn(2, 9 * K, 8, 8, generator=gen)
+    famkd = MODELS.build(dict(type="FAMKDLoss", student_channels=4, teacher_channels=8, num_classes=K))
+    _check_runs(famkd, dict(s_feats=s, t_feats=t, s_logits=zs, t_logits=zt))
+    for cfg in (dict(type="MGDLoss"), dict(type="ScaleAwareMaskedFeatureLoss")):
+        loss = MODELS.build(dict(cfg, student_channels=4, teacher_channels=8))
+        assert torch.isfinite(loss(s, t))
+    fgd = MODELS.build(dict(type="FGDLoss", student_channels=4, teacher_channels=8))
+    assert torch.isfinite(fgd(s, t, boxes=[torch.tensor([[0.0, 0.0, 30.0, 30.0]])] * 2, image_size=(64, 64)))
+
+
+class _Boxes:
+    """Stands in for mmdet's HorizontalBoxes: the tensor is ``.tensor``."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+
+def _data_samples(boxes: list[torch.Tensor], size=(64, 64), wrap=False) -> list[BaseDataElement]:
+    out = []
+    for b in boxes:
+        ds = BaseDataElement(metainfo=dict(batch_input_shape=size, img_shape=(60, 50)))
+        ds.gt_instances = InstanceData(bboxes=_Boxes(b) if wrap else b)
+        out.append(ds)
+    return out
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_fgd_reads_boxes_and_input_size_from_det_data_samples(wrap):
+    fgd = MODELS.build(dict(type="FGDLoss", student_channels=[4, 4], teacher_channels=[8, 8]))
+    kwargs = _inputs("FGDLoss", torch.Generator().manual_seed(3))
+    expected = fgd(**kwargs)
+    samples = _data_samples(kwargs["boxes"], wrap=wrap)
+    got = fgd(kwargs["s_feats"], kwargs["t_feats"], data_samples=samples)
+    torch.testing.assert_close(got, expected)
+    boxes, size = mm.boxes_from_data_samples(samples)
+    assert size == (64, 64) and all(torch.equal(a, b) for a, b in zip(boxes, kwargs["boxes"]))
+    with pytest.raises(ValueError, match="data_samples="):
+        fgd(kwargs["s_feats"], kwargs["t_feats"])
+    with pytest.raises(ValueError, match="batch_input_shape"):
+        mm.boxes_from_data_samples([BaseDataElement(gt_instances=InstanceData(bboxes=torch.zeros(0, 4)))])
+    with pytest.raises(ValueError, match="disagree"):
+        mm.boxes_from_data_samples(_data_samples([torch.zeros(0, 4)]) + _data_samples([torch.zeros(0, 4)], (32, 64)))
+
+
+def test_config_round_trip(tmp_path):
+    """A Python config with a distill_losses dict: fromfile, build all, dump, load again: identical."""
+    src = tmp_path / "distill.py"
+    body = ",\n".join(f"    loss_{n.lower()}={cfg!r}" for n, cfg in SMALL_CFGS.items())
+    src.write_text(
+        'custom_imports = dict(imports=["famkd_losses.integrations.mmdet"], allow_failed_imports=False)\n'
+        f"distill_losses = dict(\n{body},\n)\n"
+    )
+    cfg = Config.fromfile(str(src))
+    built = {k: MODELS.build(v) for k, v in cfg.distill_losses.items()}
+    assert {type(v).__name__ for v in built.values()} >= {"FAMKDLoss", "MMDetFGDLoss", "KDLoss"}
+    assert len(built) == len(NAMES)
+    dumped = tmp_path / "dumped.py"
+    cfg.dump(str(dumped))
+    again = Config.fromfile(str(dumped))
+    assert again.to_dict() == cfg.to_dict()
+    rebuilt = {k: MODELS.build(v) for k, v in again.distill_losses.items()}
+    for k, loss in built.items():
+        assert type(rebuilt[k]) is type(loss)
+        a, b = loss.state_dict(), rebuilt[k].state_dict()
+        assert a.keys() == b.keys() and all(a[n].shape == b[n].shape for n in a)
+
+
+def test_child_registry_builds_every_type(child_registry):
+    for name in NAMES:
+        loss = child_registry.build(dict(SMALL_CFGS[name]))
+        assert isinstance(loss, getattr(famkd_losses, name))
+    with DefaultScope.overwrite_default_scope(child_registry.scope):  # as under mmrazor's runner
+        assert isinstance(MODELS.build(dict(SMALL_CFGS["FAMKDLoss"])), famkd_losses.FAMKDLoss)
+
+
+def test_child_registry_clash_resolved_by_the_mmengine_scope_prefix(child_registry):
+    """mmrazor's registry has its own MGDLoss/PKDLoss: 'mmengine.MGDLoss' names ours."""
+
+    @child_registry.register_module(name="MGDLoss")
+    class TheirMGD(nn.Module):
+        def __init__(self, **kwargs) -> None:
+            super().__init__()
+
+    cfg = dict(type="MGDLoss", student_channels=4, teacher_channels=8)
+    with DefaultScope.overwrite_default_scope(child_registry.scope):
+        assert isinstance(child_registry.build(dict(cfg)), TheirMGD)
+        ours = child_registry.build(dict(cfg, type="mmengine.MGDLoss"))
+    assert type(ours) is famkd_losses.MGDLoss
+
+
+_RECIPES = {
+    # the custom_imports recipe, run as mmengine runs it
+    "import_modules_from_strings": (
+        "from mmengine.utils import import_modules_from_strings\n"
+        'import_modules_from_strings(**dict(imports=["famkd_losses.integrations.mmdet"], allow_failed_imports=False))'
+    ),
+    # Config.fromfile performs the example config's custom_imports
+    "Config.fromfile": f"from mmengine import Config\nConfig.fromfile({str(EXAMPLE)!r})",
+}
+
+
+@pytest.mark.parametrize("recipe", list(_RECIPES))
+def test_custom_imports_recipe_registers_in_a_fresh_interpreter(recipe):
+    code = "\n".join(
+        [
+            "import sys",
+            "from mmengine.registry import MODELS",
+            f"names = {NAMES!r}",
+            'assert not any(n in MODELS.module_dict for n in names), "registered before the import"',
+            'assert "famkd_losses.integrations.mmdet" not in sys.modules',
+            _RECIPES[recipe],
+            "assert all(n in MODELS.module_dict for n in names), sorted(MODELS.module_dict)",
+            'loss = MODELS.build(dict(type="FAMKDLoss", student_channels=4, teacher_channels=4))',
+            'print("OK", type(loss).__name__)',
+        ]
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "OK FAMKDLoss" in out.stdout
+
+
+def test_custom_imports_recipe_in_this_process_is_a_no_op():
+    (module,) = import_modules_from_strings(["famkd_losses.integrations.mmdet"])
+    assert module is mm and MODELS.get("FAMKDLoss") is famkd_losses.FAMKDLoss
+
+
+# ---- mmrazor's ConfigurableDistiller, transcribed (mmrazor 1.0.0) --------------------------------
+
+
+def _check_mappings(losses: dict, mappings: dict, s_recorders: dict, t_recorders: dict) -> None:
+    """``ConfigurableDistiller._check_loss_forward_mappings``."""
+    for loss_name, forward_mappings in mappings.items():
+        assert loss_name in losses
+        params = inspect.signature(losses[loss_name].forward).parameters
+        for key, info in forward_mappings.items():
+            assert key in params, f"{key} is not in the signature of {type(losses[loss_name]).__name__}.forward"
+            if params[key].default is not params[key].empty:
+                continue
+            assert "recorder" in info and isinstance(info["from_student"], bool)
+            assert info["recorder"] in (s_recorders if info["from_student"] else t_recorders)
+
+
+class _Recorders:
+    """``ModuleOutputs`` / ``ModuleInputs`` recorders: forward hooks appending to a buffer per call."""
+
+    def __init__(self, cfgs: dict, model: nn.Module) -> None:
+        self.buffers: dict[str, list] = {name: [] for name in cfgs}
+        for name, cfg in cfgs.items():
+            assert cfg["type"] in ("ModuleOutputs", "ModuleInputs"), cfg
+            module = model.get_submodule(cfg["source"])
+            outputs = cfg["type"] == "ModuleOutputs"
+            module.register_forward_hook(
+                lambda m, inp, out, buf=self.buffers[name], o=outputs: buf.append(out if o else inp)
+            )
+
+    def get(self, recorder: str, record_idx: int = 0, data_idx: int | None = None):
+        record = self.buffers[recorder][record_idx]
+        return record if data_idx is None else record[data_idx]
+
+
+def _distill(distiller_cfg: dict, student: nn.Module, teacher: nn.Module, x: torch.Tensor, registry=MODELS):
+    """Build the distiller's losses and compute them as mmrazor does: ``loss(**recorded)``."""
+    losses = {name: registry.build(cfg) for name, cfg in distiller_cfg["distill_losses"].items()}
+    mappings = distiller_cfg["loss_forward_mappings"]
+    _check_mappings(losses, mappings, distiller_cfg["student_recorders"], distiller_cfg["teacher_recorders"])
+    s_rec = _Recorders(distiller_cfg["student_recorders"], student)
+    t_rec = _Recorders(distiller_cfg["teacher_recorders"], teacher)
+    with torch.no_grad():
+        teacher(x)
+    det = student(x)
+    out = {}
+    for name, forward_mappings in mappings.items():
+        kwargs = {}
+        for key, info in forward_mappings.items():
+            info = dict(info)
+            rec = s_rec if info.pop("from_student") else t_rec
+            kwargs[key] = rec.get(**info)
+        out[name] = losses[name](**kwargs)
+    return det, out, losses
+
+
+class _TinyRetinaNet(nn.Module):
+    """RetinaNet's layout: ``neck`` returns a tuple of 5 levels; ``bbox_head`` returns
+    ``(cls_scores, bbox_preds)`` lists, calling ``retina_cls`` once per level."""
+
+    def __init__(self, channels: int, anchors: int, classes: int) -> None:
+        super().__init__()
+        self.neck = _Neck(channels)
+        self.bbox_head = _Head(channels, anchors, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        cls_scores, bbox_preds = self.bbox_head(self.neck(x))
+        return sum(c.sigmoid().mean() + b.abs().mean() for c, b in zip(cls_scores, bbox_preds))
+
+
+class _Neck(nn.Module):
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.fpn_convs = nn.ModuleList(nn.Conv2d(3, channels, 3, stride=2 ** (i + 3), padding=1) for i in range(5))
+
+    def forward(self, x):
+        return tuple(conv(x) for conv in self.fpn_convs)  # strides 8..128
+
+
+class _Head(nn.Module):
+    def __init__(self, channels: int, anchors: int, classes: int) -> None:
+        super().__init__()
+        self.retina_cls = nn.Conv2d(channels, anchors * classes, 3, padding=1)
+        self.retina_reg = nn.Conv2d(channels, anchors * 4, 3, padding=1)
+
+    def forward(self, feats):
+        outs = [(self.retina_cls(f), self.retina_reg(f)) for f in feats]
+        return tuple(map(list, zip(*outs)))
+
+
+@pytest.fixture(scope="module")
+def example_cfg() -> Config:
+    return Config.fromfile(str(EXAMPLE))  # no mmdet / mmrazor needed
+
+
+def test_example_config_loads_and_has_the_published_schedule(example_cfg):
+    cfg = example_cfg
+    assert cfg.custom_imports == dict(imports=["famkd_losses.integrations.mmdet"], allow_failed_imports=False)
+    assert cfg.model.type == "SingleTeacherDistill" and cfg.model._scope_ == "mmrazor"
+    assert "retinanet_x101-64x4d" in cfg.model.teacher.cfg_path and "retinanet_r50" in cfg.model.architecture.cfg_path
+    assert cfg.model.distiller.type == "ConfigurableDistiller"
+    assert cfg.train_cfg.max_epochs == 24
+    opt = cfg.optim_wrapper.optimizer
+    assert (opt.type, opt.lr, opt.momentum, opt.weight_decay) == ("SGD", 0.01, 0.9, 1e-4)
+    assert cfg.train_dataloader.batch_size * 8 == cfg.auto_scale_lr.base_batch_size == 16
+    assert cfg.param_scheduler[1].milestones == [16, 22]
+    for side in ("student_recorders", "teacher_recorders"):
+        recs = cfg.model.distiller[side]
+        assert {r.source for r in recs.values()} == {"neck", "bbox_head"}
+
+
+def test_example_config_distill_losses_build_with_our_registry(example_cfg, child_registry):
+    distiller = example_cfg.model.distiller
+    for registry in (MODELS, child_registry):  # mmrazor builds from its child registry
+        for name, cfg in distiller.distill_losses.items():
+            assert "loss" in name  # mmengine only backpropagates keys containing "loss"
+            loss = registry.build(cfg)
+            assert isinstance(loss, famkd_losses.FAMKDLoss)
+            assert loss.num_levels == 5 and loss.logits_loss.num_classes == 80
+    _check_mappings(
+        {n: MODELS.build(c) for n, c in distiller.distill_losses.items()},
+        distiller.loss_forward_mappings,
+        distiller.student_recorders,
+        distiller.teacher_recorders,
+    )
+
+
+def test_example_config_distiller_runs_on_a_retinanet_shaped_model(example_cfg):
+    """The example's distiller, as mmrazor would run it, on 256-channel, 5-level, 9x80-logit maps."""
+    torch.manual_seed(0)
+    student, teacher = _TinyRetinaNet(256, 9, 80), _TinyRetinaNet(256, 9, 80)
+    teacher.requires_grad_(False)
+    x = torch.randn(2, 3, 64, 64)  # P3-P7: 8, 4, 2, 1, 1
+    det, out, losses = _distill(example_cfg.model.distiller.to_dict(), student, teacher, x)
+    assert list(out) == ["loss_famkd"]
+    value = out["loss_famkd"]
+    assert torch.isfinite(value) and value > 0
+    terms = losses["loss_famkd"].last_terms(as_float=True)
+    assert {f"logits/level{i}" for i in range(5)} <= set(terms) and terms["feature"] > 0
+    assert math.isclose(terms["total"], terms["feature"] + terms["logits"], rel_tol=1e-5)
+    (det + value).backward()
+    assert student.neck.fpn_convs[0].weight.grad.abs().sum() > 0
+    assert student.bbox_head.retina_cls.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in losses["loss_famkd"].parameters())
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_per_level_layout_with_record_idx_and_fgd_with_data_samples():
+    """One single-level loss per FPN level (``retina_cls`` recorded once per level, ``record_idx``),
+    and FGD fed the detector's data samples (``ModuleInputs``, ``data_idx=1``)."""
+    torch.manual_seed(0)
+    c, a = 8, 2
+
+    class Det(_TinyRetinaNet):
+        def forward(self, x, data_samples=None):
+            return super().forward(x)
+
+    student, teacher = Det(c, a, K), Det(c, a, K)
+    teacher.requires_grad_(False)
+    rec = dict(
+        fpn=dict(type="ModuleOutputs", source="neck"), cls=dict(type="ModuleOutputs", source="bbox_head.retina_cls")
+    )
+    losses, mappings = {}, {}
+    for level in range(5):
+        losses[f"loss_famkd_fpn{level}"] = dict(type="FAMKDLoss", student_channels=c, teacher_channels=c, num_classes=K)
+        mappings[f"loss_famkd_fpn{level}"] = dict(
+            s_feats=dict(from_student=True, recorder="fpn", data_idx=level),
+            t_feats=dict(from_student=False, recorder="fpn", data_idx=level),
+            s_logits=dict(from_student=True, recorder="cls", record_idx=level),
+            t_logits=dict(from_student=False, recorder="cls", record_idx=level),
+        )
+    losses["loss_fgd"] = dict(type="FGDLoss", student_channels=[c] * 5, teacher_channels=[c] * 5)
+    mappings["loss_fgd"] = dict(
+        s_feats=dict(from_student=True, recorder="fpn"),
+        t_feats=dict(from_student=False, recorder="fpn"),
+        data_samples=dict(from_student=True, recorder="inputs", data_idx=1),
+    )
+    cfg = dict(
+        student_recorders=dict(rec, inputs=dict(type="ModuleInputs", source="")),
+        teacher_recorders=rec,
+        distill_losses=losses,
+        loss_forward_mappings=mappings,
+    )
+    x = torch.randn(2, 3, 64, 64)
+    samples = _data_samples([torch.tensor([[8.0, 8.0, 40.0, 56.0]]), torch.zeros(0, 4)], wrap=True)
+
+    class WithSamples(nn.Module):  # the detector is called as model(inputs, data_samples)
+        def __init__(self, det):
+            super().__init__()
+            self.det = det
+
+        def forward(self, x):
+            return self.det(x, samples)
+
+    # recorder sources are relative to the detector: hook on the inner one
+    for side in ("student_recorders", "teacher_recorders"):
+        cfg[side] = {k: dict(v, source=("det." + v["source"]).rstrip(".")) for k, v in cfg[side].items()}
+    det, out, _ = _distill(cfg, WithSamples(student), WithSamples(teacher), x)
+    assert len(out) == 6 and all(torch.isfinite(v) and v > 0 for v in out.values())
+    (det + sum(out.values())).backward()
+    assert student.neck.fpn_convs[4].weight.grad.abs().sum() > 0
