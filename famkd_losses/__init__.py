@@ -7,6 +7,7 @@ maths lives in `famkd_losses.functional`.
 
 from . import functional
 from ._backend import BACKENDS
+from .calibration import calibrate_weights
 from .losses import (
     CWDLoss,
     FAMKDLoss,
@@ -31,5 +32,6 @@ __all__ = [
     "PKDLoss",
     "ScaleAwareMaskedFeatureLoss",
     "__version__",
+    "calibrate_weights",
     "functional",
 ]
