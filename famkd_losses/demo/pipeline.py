@@ -209,6 +209,7 @@ def _aggregate(key: str, label: str, kind: str, runs: list[dict]) -> dict:
         "iterations": round(sum(r["iterations"] for r in runs) / len(runs)),
         "wall_s": sum(r["wall_s"] for r in runs) / len(runs),
         "s_per_iter": sum(r["s_per_iter"] for r in runs) / len(runs),
+        "median_step_s": sum(r["median_step_s"] for r in runs) / len(runs),
         "mean": mean,
         "std": std,
         "runs": runs,
@@ -347,13 +348,17 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict:
                     desc=METHODS[key].label,
                 )
             )
-        slowest = max((runs[k][-1] for k in METHODS), key=lambda r: r["wall_s"])
-        plain = runs["student"][-1]
-        iters = max(cfg.student_iters, round(cfg.student_iters * slowest["wall_s"] / plain["wall_s"]))
+        # The control's length: the slowest distilled run's step time over the plain student's, from
+        # medians of per-iteration times in this run, so a slow spell of a shared machine during one
+        # run skews neither (pitfall 9).
+        slowest_key = max(METHODS, key=lambda k: runs[k][-1]["median_step_s"])
+        slowest, plain = runs[slowest_key][-1], runs["student"][-1]
+        ratio = slowest["median_step_s"] / plain["median_step_s"]
+        iters = max(cfg.student_iters, round(cfg.student_iters * ratio))
         control = runner.student_run(
             "student", seed, splits, teacher, iterations=iters, desc="student alone, equal wall time"
         )
-        control["matched_wall_s"] = slowest["wall_s"]
+        control["matched"] = {"run": slowest_key, "step_ratio": ratio, "wall_s": slowest["wall_s"]}
         runs["control"].append(control)
 
     labels = {

@@ -37,7 +37,7 @@ def _fmt(mean: float, std: float | None, seeds: int) -> str:
 
 def _row_cells(row: dict, ref_ap: float | None) -> list[str]:
     n = len(row["runs"])
-    cells = [row["label"], str(row["iterations"]), f"{row['wall_s']:.0f}", f"{row['s_per_iter']:.3f}"]
+    cells = [row["label"], str(row["iterations"]), f"{row['wall_s']:.0f}", f"{row['median_step_s']:.3f}"]
     cells += [_fmt(row["mean"][m], row["std"][m], n) for m in METRICS]
     if ref_ap is None or row["key"] in ("teacher", "student"):
         cells.append("")
@@ -47,7 +47,7 @@ def _row_cells(row: dict, ref_ap: float | None) -> list[str]:
 
 
 def _table(rows: Sequence[dict], ref_ap: float | None) -> list[str]:
-    head = ["run", "iterations", "train s", "s/it", *METRICS, "ΔAP vs student"]
+    head = ["run", "iterations", "train s", "median s/it", *METRICS, "ΔAP vs student"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
     lines += ["| " + " | ".join(_row_cells(r, ref_ap)) + " |" for r in rows]
     return lines
@@ -64,7 +64,7 @@ def results_markdown(summary: dict) -> str:
     ref = student["mean"]["AP"]
     distilled = [r for r in main if r["kind"] == "main" and r["key"] != "student"]
     best = max(distilled, key=lambda r: r["mean"]["AP"])
-    slowest = max(distilled, key=lambda r: r["wall_s"])
+    slowest = max(distilled, key=lambda r: r["median_step_s"])
     cuts = [math.sqrt(AREA_RANGES["small"][1]), math.sqrt(AREA_RANGES["large"][0])]
     ranges = f"small < {cuts[0]:.0f}^2, medium {cuts[0]:.0f}^2-{cuts[1]:.0f}^2, large > {cuts[1]:.0f}^2 px^2"
     lines = [
@@ -95,10 +95,11 @@ def results_markdown(summary: dict) -> str:
         "## Control: equal wall-clock time",
         "",
         "A distilled step costs more than a plain one (the teacher's forward, the loss and its layers). "
-        "The control trains the student alone for the wall-clock time of the slowest distilled run "
-        "(its iteration count is that run's time over the plain student's time, measured in this run, times "
-        f"{student['iterations']}). Beside it: the slowest distilled run (whose time it matches) and the best "
-        "one. It answers a different question (what the same compute buys without a teacher), not the field's.",
+        "The control trains the student alone for the wall-clock time of the slowest distilled run: "
+        f"{student['iterations']} iterations times the ratio of that run's median step time to the plain "
+        "student's, both measured in this run (medians, so that a slow spell of a shared machine during one "
+        "run skews neither). Beside it: the slowest distilled run (whose time it matches) and the best one. "
+        "It answers a different question (what the same compute buys without a teacher), not the field's.",
         "",
         *_table([student, *control, slowest, *([best] if best is not slowest else [])], ref),
         "",

@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import math
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -62,13 +63,24 @@ class TrainResult:
     det_loss: list[float] = field(default_factory=list)  # per iteration
     kd_loss: list[float] = field(default_factory=list)  # per iteration (empty without a distiller)
     kd_terms: dict[str, list[float]] = field(default_factory=dict)
+    step_s: list[float] = field(default_factory=list)  # wall time of each iteration
 
     @property
     def s_per_iter(self) -> float:
         return self.wall_s / max(1, self.iterations)
 
+    @property
+    def median_step_s(self) -> float:
+        """Median iteration time: what a step costs, robust to a slow spell of a shared machine."""
+        return statistics.median(self.step_s) if self.step_s else self.s_per_iter
+
     def summary(self) -> dict:
-        return {"iterations": self.iterations, "wall_s": self.wall_s, "s_per_iter": self.s_per_iter}
+        return {
+            "iterations": self.iterations,
+            "wall_s": self.wall_s,
+            "s_per_iter": self.s_per_iter,
+            "median_step_s": self.median_step_s,
+        }
 
 
 def _schedule(cfg: TrainConfig, iterations: int) -> Callable[[int], float]:
@@ -139,6 +151,7 @@ def train(
         result.kd_terms = {name: [] for name in distiller.spec.terms}
     start = time.perf_counter()
     bar = tqdm(order, desc=desc, disable=not progress, leave=False, dynamic_ncols=True, mininterval=1.0)
+    tick = start
     for it, idx in enumerate(bar):
         images, targets = split.batch(idx, device)
         if distiller is None:
@@ -161,6 +174,9 @@ def train(
         optimizer.step()
         scheduler.step()
         result.det_loss.append(float(det.detach()))
+        now = time.perf_counter()
+        result.step_s.append(now - tick)
+        tick = now
         if it % 20 == 0:
             post = {"det": f"{result.det_loss[-1]:.3f}"}
             if result.kd_loss:
@@ -208,7 +224,8 @@ def load_or_train_teacher(
         blob = torch.load(path, map_location=device, weights_only=True)
         model.load_state_dict(blob["state_dict"])
         log(f"teacher: loaded from cache {path} (trained in {blob['train']['wall_s']:.0f} s)")
-        record = {"hash": key, "path": str(path), "cached": True, "train": blob["train"], "det_loss": blob["loss"]}
+        train_summary = {"median_step_s": blob["train"]["s_per_iter"], **blob["train"]}  # older caches: no median
+        record = {"hash": key, "path": str(path), "cached": True, "train": train_summary, "det_loss": blob["loss"]}
     else:
         log(f"teacher: training {train_cfg.iterations} iterations (cache key {key})")
         result = train(model, split, train_cfg, device=device, desc="teacher", progress=progress)
