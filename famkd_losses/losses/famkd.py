@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from .._backend import check_backend
 from .._validation import as_levels, check_channel_list, check_level_device, check_seed
+from ..functional import fusion_weights
 from ._base import DistillationLoss
 from .feature import ScaleAwareMaskedFeatureLoss
 from .logits import MaskedLogitsLoss
@@ -182,8 +183,6 @@ class FAMKDLoss(DistillationLoss):
     def fusion_weights(self) -> list[Tensor]:
         """The adaptive branch weights ``softmax(theta)`` per level: (num_scales, num_branches) each."""
         return [
-            torch.softmax(fl.fusion_logits.float(), dim=-1)
-            if fl.fusion_logits is not None
-            else torch.ones(len(fl.scales), 1)
+            fusion_weights(fl.fusion_logits) if fl.fusion_logits is not None else torch.ones(len(fl.scales), 1)
             for fl in self.feature_losses
         ]
