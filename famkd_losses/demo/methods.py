@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from .. import FAMKDLoss, FGDLoss, MaskedLogitsLoss, MGDLoss
 from ..calibration import calibrate_weights
-from ..integrations.torchvision import DetectorOutputs
+from ..integrations._outputs import DetectorOutputs, distillation_loss
 
 __all__ = ["METHODS", "FAMKD_DEFAULTS", "MethodSpec", "Distiller", "build_distiller"]
 
@@ -131,14 +131,7 @@ class Distiller:
 
 
 def _forward(spec: MethodSpec, loss: nn.Module, s: DetectorOutputs, t: DetectorOutputs) -> tuple[Tensor, dict]:
-    if spec.key == "fgd":
-        value = loss(s.features, t.features, t.boxes, t.image_size)
-    elif spec.key == "famkd_logits":
-        value = loss(s.cls_logits, t.cls_logits)
-    elif spec.key == "famkd":
-        value = loss(s.features, t.features, s.cls_logits, t.cls_logits)
-    else:
-        value = loss(s.features, t.features)
+    value = distillation_loss(loss, s, t, logits=spec.key != "famkd_feature")
     if len(spec.terms) == 1:
         return value, {spec.terms[0]: float(value.detach())}
     parts = loss.last_terms(as_float=True)

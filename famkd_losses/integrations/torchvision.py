@@ -19,32 +19,14 @@ torchvision is imported on first use only: ``pip install famkd-losses[torchvisio
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from ._outputs import DetectorOutputs
+
 __all__ = ["DetectorOutputs", "StudentTaps", "teacher_outputs"]
-
-
-@dataclass
-class DetectorOutputs:
-    """What one forward of a dense detector gives the distillation losses.
-
-    Attributes:
-        features: FPN levels in the backbone's order, each ``(N, C, H_l, W_l)``.
-        cls_logits: dense class logits per level, ``(N, A*K, H_l, W_l)``; channel ``a*K + k`` is
-            anchor ``a``, class ``k`` (A = 1 for FCOS, 9 for a default RetinaNet).
-        image_size: ``(H, W)`` of the padded batch that the maps cover (``ImageList.tensors``).
-        boxes: per image, ``(n_i, 4)`` x1y1x2y2 boxes in that padded input's pixels (the targets as
-            resized by the model's transform); ``(0, 4)`` entries when no targets were given.
-    """
-
-    features: list[Tensor]
-    cls_logits: list[Tensor]
-    image_size: tuple[int, int]
-    boxes: list[Tensor]
 
 
 def _require_torchvision() -> None:

@@ -1,0 +1,314 @@
+"""ultralytics integration: tiny YOLO teacher and student built from model yamls, no downloads.
+
+Every test runs with the network blocked (sockets raise and the attempts are recorded) and
+ultralytics in offline mode with its settings in a temporary folder.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+import traceback
+
+os.environ["YOLO_OFFLINE"] = "1"
+os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="famkd-ultralytics-")  # never the user's folder
+
+import pytest
+import torch
+
+pytest.importorskip("ultralytics", reason="ultralytics not installed: pip install famkd-losses[ultralytics]")
+
+from ultralytics.cfg import get_cfg
+from ultralytics.nn.tasks import DetectionModel
+
+from famkd_losses import FAMKDLoss, FGDLoss, MGDLoss
+from famkd_losses.integrations.ultralytics import (
+    FAMKDTrainer,
+    YOLODistillationModel,
+    distillation_trainer,
+    yolo_outputs,
+)
+
+NC = 3
+SIDE = 64
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_font():
+    """ultralytics' dataset check wants Arial.ttf in its config folder (else downloads it): give it a local font."""
+    import shutil
+
+    from matplotlib import font_manager
+    from ultralytics.utils import USER_CONFIG_DIR
+
+    target = USER_CONFIG_DIR / "Arial.ttf"
+    if not target.exists():
+        USER_CONFIG_DIR.mkdir(parents=True, exist_ok=True)
+        shutil.copy(font_manager.findfont("DejaVu Sans"), target)
+
+
+@pytest.fixture(autouse=True)
+def no_network(monkeypatch):
+    """Any attempt to open a connection or resolve a name fails, and is recorded."""
+    attempts: list[tuple] = []
+
+    def refuse(*args, **kwargs):
+        attempts.append((args[:2], "".join(traceback.format_stack(limit=30))))
+        raise OSError("network access is blocked in the tests")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    yield attempts
+    assert not attempts, f"ultralytics tried to reach the network: {attempts}"
+
+
+def _model(cfg: str, seed: int) -> DetectionModel:
+    torch.manual_seed(seed)
+    model = DetectionModel(cfg, nc=NC, verbose=False)
+    model.args = get_cfg()  # the hyper-parameters its detection loss reads (the trainer attaches them)
+    return model
+
+
+def _batch(n: int = 2) -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {
+        "img": torch.rand(n, 3, SIDE, SIDE, generator=g),
+        "cls": torch.tensor([[0.0], [2.0], [1.0]]),
+        "bboxes": torch.tensor([[0.5, 0.5, 0.4, 0.4], [0.25, 0.25, 0.2, 0.1], [0.6, 0.7, 0.5, 0.3]]),
+        "batch_idx": torch.tensor([0.0, 0.0, 1.0]),
+    }
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)
+
+
+def test_yolo_outputs_match_the_head_modules(pair):
+    """Features = the Detect head's inputs; logits = each level's cls conv output, unchanged."""
+    _, student = pair
+    head = student.model[-1]
+    seen: dict = {}
+    handles = [head.register_forward_pre_hook(lambda m, args: seen.__setitem__("x", [t.clone() for t in args[0]]))]
+    for i, conv in enumerate(head.cv3):
+        handles.append(conv.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out.clone())))
+    student.train()
+    batch = _batch()
+    try:
+        out = yolo_outputs(student(batch["img"]), image_size=(SIDE, SIDE), batch=batch)
+    finally:
+        for h in handles:
+            h.remove()
+    assert [tuple(f.shape) for f in out.features] == [(2, 64, 8, 8), (2, 128, 4, 4), (2, 256, 2, 2)]
+    for level, (f, z) in enumerate(zip(out.features, out.cls_logits)):
+        torch.testing.assert_close(f, seen["x"][level], rtol=0, atol=0)
+        assert z.shape == (2, NC, f.shape[-2], f.shape[-1])
+        torch.testing.assert_close(z, seen[level], rtol=0, atol=0)
+    assert out.image_size == (SIDE, SIDE)
+
+
+def test_yolo_outputs_boxes_are_pixel_xyxy_per_image(pair):
+    _, student = pair
+    student.eval()
+    with torch.no_grad():
+        out = yolo_outputs(student(_batch()["img"]), image_size=(SIDE, SIDE), batch=_batch())  # eval: (y, dict)
+    student.train()
+    torch.testing.assert_close(out.boxes[0], torch.tensor([[19.2, 19.2, 44.8, 44.8], [9.6, 12.8, 22.4, 19.2]]))
+    torch.testing.assert_close(out.boxes[1], torch.tensor([[22.4, 35.2, 54.4, 54.4]]))
+
+
+def test_yolo_outputs_errors():
+    with pytest.raises(ValueError, match="branch must be one of"):
+        yolo_outputs({}, branch="both")
+    with pytest.raises(TypeError, match="raw output of a YOLO Detect head"):
+        yolo_outputs(torch.zeros(2, 7, 84))
+    with pytest.raises(TypeError, match="no 'feats' entry"):
+        yolo_outputs({"scores": torch.zeros(1, 3, 5)})
+    with pytest.raises(ValueError, match="cover 5 cells"):
+        yolo_outputs({"scores": torch.zeros(1, 3, 5), "feats": [torch.zeros(1, 4, 2, 2)]})
+
+
+def _params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items() if v.dtype.is_floating_point}
+
+
+def _changed(before: dict, module: torch.nn.Module) -> int:
+    after = module.state_dict()
+    return sum(not torch.equal(v, after[k]) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "factory",
+    [
+        None,
+        lambda s, t, nc: MGDLoss(s, t, seed=0),
+        lambda s, t, nc: FGDLoss(s, t, alpha=1e-3, beta=5e-4, gamma=5e-4, lam=5e-6),
+    ],
+    ids=["famkd", "mgd", "fgd"],
+)
+def test_one_training_step_trains_the_student_and_the_loss_not_the_teacher(factory):
+    teacher, student = _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)
+    model = YOLODistillationModel(teacher, student, factory)
+    model.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    t0, s0, l0 = _params(teacher), _params(student), _params(model.distill_loss)
+    loss, items = model(_batch())
+    assert list(items) == ["box_loss", "cls_loss", "dfl_loss", "dis_loss"]
+    assert loss.shape == (4,) and torch.isfinite(loss).all()
+    assert items["dis_loss"].shape == (1,) and float(items["dis_loss"]) > 0
+    torch.testing.assert_close(loss[3], items["dis_loss"][0] * 2)  # times the batch, as ultralytics does
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(trainable, lr=0.1)
+    loss.sum().backward()
+    opt.step()
+    assert _changed(t0, teacher) == 0, "the teacher (weights or BN statistics) changed"
+    assert _changed(s0, student) > 0
+    assert _changed(l0, model.distill_loss) > 0, "the loss's align layers / generators did not train"
+
+
+def test_the_distillation_term_is_the_loss_on_the_heads_tensors(pair):
+    """dis_loss equals FAMKDLoss called directly on what the two heads produced."""
+    teacher, student = _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)
+    model = YOLODistillationModel(teacher, student, lambda s, t, nc: FAMKDLoss(s, t, num_classes=nc, alpha=1e-3))
+    model.train()
+    batch = _batch()
+    _, items = model(batch)
+    with torch.no_grad():
+        t = yolo_outputs(teacher(batch["img"]))
+        s = yolo_outputs(student(batch["img"]))
+        expected = model.distill_loss(s.features, t.features, s.cls_logits, t.cls_logits)
+    torch.testing.assert_close(items["dis_loss"][0], expected)
+    assert {"feature", "logits"} <= set(model.distill_loss.last_terms())
+
+
+def test_autocast_bf16_step_is_finite():
+    model = YOLODistillationModel(_model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1))
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model(_batch())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+    loss.sum().backward()
+    grads = [p.grad for p in model.distill_loss.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_end_to_end_heads_distil_either_branch():
+    teacher, student = _model("yolo26s.yaml", 0), _model("yolo26n.yaml", 1)
+    many = YOLODistillationModel(teacher, student)
+    one = YOLODistillationModel(teacher, student, branch="one2one")
+    head = student.model[-1]
+    with torch.no_grad():  # the one2one head starts as a copy of one2many: shift its level-0 biases
+        head.one2one_cv3[0][-1].bias += 1.0
+    many.train()
+    raw = student(_batch()["img"])
+    a = yolo_outputs(raw, branch="one2many")
+    b = yolo_outputs(raw, branch="one2one")
+    torch.testing.assert_close(b.cls_logits[0] - a.cls_logits[0], torch.ones_like(a.cls_logits[0]))
+    torch.testing.assert_close(b.cls_logits[1], a.cls_logits[1])
+    for f_a, f_b in zip(a.features, b.features):
+        assert f_a is f_b  # both branches read the same neck features
+    for m in (many, one):
+        m.train()
+        loss, items = m(_batch())
+        assert torch.isfinite(loss).all() and float(items["dis_loss"]) > 0
+
+
+def test_wrapper_errors():
+    teacher, student = _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)
+    with pytest.raises(ValueError, match="branch must be one of"):
+        YOLODistillationModel(teacher, student, branch="o2o")
+    with pytest.raises(TypeError, match=r"must return an nn\.Module"):
+        YOLODistillationModel(teacher, student, lambda s, t, nc: "famkd")
+    with pytest.raises(TypeError, match="teacher_model must be"):
+        YOLODistillationModel(42, student)
+    other = DetectionModel("yolov8s.yaml", nc=NC + 1, verbose=False)
+    with pytest.raises(ValueError, match="same classes; student has nc=3, teacher nc=4"):
+        YOLODistillationModel(other, student)
+    p6 = DetectionModel("yolov8s-p6.yaml", nc=NC, verbose=False)
+    with pytest.raises(ValueError, match="same strides"):
+        YOLODistillationModel(p6, student)
+    with pytest.raises(ValueError, match="branch must be one of"):
+        distillation_trainer(branch="x")
+    with pytest.raises(TypeError, match="loss must be a loss module or a factory"):
+        distillation_trainer("famkd")
+
+
+def _dataset(root) -> str:
+    """4 train and 4 val 64x64 images of coloured rectangles, in ultralytics' YOLO format."""
+    import numpy as np
+    import yaml
+    from PIL import Image
+
+    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+    for split, seed in (("train", 0), ("val", 1)):
+        (root / split / "images").mkdir(parents=True)
+        (root / split / "labels").mkdir(parents=True)
+        rng = np.random.default_rng(seed)
+        for i in range(4):
+            img = np.full((SIDE, SIDE, 3), 40, np.uint8)
+            lines = []
+            for _ in range(2):
+                c = int(rng.integers(NC))
+                w, h = (int(v) for v in rng.integers(10, 30, 2))
+                x, y = int(rng.integers(0, SIDE - w)), int(rng.integers(0, SIDE - h))
+                img[y : y + h, x : x + w] = colours[c]
+                lines.append(f"{c} {(x + w / 2) / SIDE} {(y + h / 2) / SIDE} {w / SIDE} {h / SIDE}")
+            Image.fromarray(img).save(root / split / "images" / f"{i}.png")
+            (root / split / "labels" / f"{i}.txt").write_text("\n".join(lines))
+    data = root / "data.yaml"
+    names = {i: f"c{i}" for i in range(NC)}
+    data.write_text(yaml.safe_dump({"path": str(root), "train": "train/images", "val": "val/images", "names": names}))
+    return str(data)
+
+
+def _train(tmp_path, trainer, **kw):
+    from ultralytics import YOLO
+
+    yolo = YOLO("yolov8n.yaml")
+    yolo.train(
+        data=_dataset(tmp_path / "data"),
+        trainer=trainer,
+        epochs=1,
+        imgsz=SIDE,
+        batch=2,
+        workers=0,
+        device="cpu",
+        plots=False,
+        amp=False,
+        project=str(tmp_path / "runs"),
+        name="famkd",
+        exist_ok=True,
+        verbose=False,
+        **kw,
+    )
+    return yolo.trainer
+
+
+def test_trainer_distils_from_a_checkpoint_and_saves_only_the_student(tmp_path):
+    teacher = _model("yolov8s.yaml", 0)
+    torch.save({"model": teacher}, tmp_path / "teacher.pt")
+    trainer = _train(tmp_path, FAMKDTrainer, distill_model=str(tmp_path / "teacher.pt"))
+    model = trainer.model
+    assert isinstance(model, YOLODistillationModel) and isinstance(model.distill_loss, FAMKDLoss)
+    assert trainer.loss_names == ("box_loss", "cls_loss", "dfl_loss", "dis_loss")
+    assert all(torch.isfinite(v).all() for v in trainer.tloss.values()) and float(trainer.tloss["dis_loss"]) > 0
+    # the optimizer trains the loss's own layers; the teacher stays frozen
+    in_opt = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert all(id(p) in in_opt for p in model.distill_loss.parameters())
+    assert not any(p.requires_grad for p in model.teacher_model.parameters())
+    ckpt = torch.load(trainer.last, weights_only=False)
+    assert type(ckpt["model"]) is DetectionModel, "the checkpoint must hold the student alone"
+
+
+def test_bound_trainer_with_a_teacher_module_and_another_loss(tmp_path):
+    trainer_cls = distillation_trainer(lambda s, t, nc: MGDLoss(s, t, seed=0), teacher=_model("yolov8s.yaml", 0))
+    trainer = _train(tmp_path, trainer_cls)
+    assert isinstance(trainer.model.distill_loss, MGDLoss)
+    assert float(trainer.tloss["dis_loss"]) > 0
+
+
+def test_trainer_without_a_teacher_says_how_to_give_one(tmp_path):
+    with pytest.raises(ValueError, match="needs a teacher: pass distill_model="):
+        _train(tmp_path, FAMKDTrainer)
