@@ -34,15 +34,15 @@ from famkd_losses.integrations import mmdet as mm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "mmrazor" / "famkd_retinanet_x101_r50.py"
-NAMES = [
-    "FAMKDLoss",
-    "ScaleAwareMaskedFeatureLoss",
-    "MaskedLogitsLoss",
-    "MGDLoss",
-    "FGDLoss",
-    "PKDLoss",
+NAMES = [  # every loss class of the package, in famkd_losses.losses.__all__'s order
     "CWDLoss",
+    "FAMKDLoss",
+    "FGDLoss",
     "KDLoss",
+    "MGDLoss",
+    "MaskedLogitsLoss",
+    "PKDLoss",
+    "ScaleAwareMaskedFeatureLoss",
 ]
 K = 3  # classes of the small configs
 

@@ -43,15 +43,9 @@ from typing import Any
 
 from torch import Tensor
 
+from .. import losses as _losses
 from ..losses import (
-    CWDLoss,
-    FAMKDLoss,
     FGDLoss,
-    KDLoss,
-    MaskedLogitsLoss,
-    MGDLoss,
-    PKDLoss,
-    ScaleAwareMaskedFeatureLoss,
 )
 
 __all__ = [
@@ -66,16 +60,7 @@ __all__ = [
 
 INSTALL_HINT = "pip install famkd-losses[mmdet]"
 
-LOSS_NAMES = (
-    "FAMKDLoss",
-    "ScaleAwareMaskedFeatureLoss",
-    "MaskedLogitsLoss",
-    "MGDLoss",
-    "FGDLoss",
-    "PKDLoss",
-    "CWDLoss",
-    "KDLoss",
-)
+LOSS_NAMES: tuple[str, ...] = tuple(_losses.__all__)  # every loss class of the package
 
 
 def boxes_from_data_samples(data_samples: Sequence[Any]) -> tuple[list[Tensor], tuple[int, int]]:
@@ -148,16 +133,8 @@ class MMDetFGDLoss(FGDLoss):
 
 def loss_classes() -> dict[str, type]:
     """The registered name of every loss and the class built for it."""
-    return {
-        "FAMKDLoss": FAMKDLoss,
-        "ScaleAwareMaskedFeatureLoss": ScaleAwareMaskedFeatureLoss,
-        "MaskedLogitsLoss": MaskedLogitsLoss,
-        "MGDLoss": MGDLoss,
-        "FGDLoss": MMDetFGDLoss,
-        "PKDLoss": PKDLoss,
-        "CWDLoss": CWDLoss,
-        "KDLoss": KDLoss,
-    }
+    # FGD takes mmdet's data_samples too; every other loss is registered as it is
+    return {name: MMDetFGDLoss if name == "FGDLoss" else getattr(_losses, name) for name in LOSS_NAMES}
 
 
 def _mmengine_models() -> Any:
