@@ -312,3 +312,13 @@ def test_bound_trainer_with_a_teacher_module_and_another_loss(tmp_path):
 def test_trainer_without_a_teacher_says_how_to_give_one(tmp_path):
     with pytest.raises(ValueError, match="needs a teacher: pass distill_model="):
         _train(tmp_path, FAMKDTrainer)
+
+
+def test_bound_trainer_survives_cloudpickle_as_ultralytics_ddp_launch_needs():
+    """Multi-GPU runs re-create the trainer class in worker processes from a cloudpickle of it."""
+    cloudpickle = pytest.importorskip("cloudpickle")
+    trainer_cls = distillation_trainer(lambda s, t, nc: MGDLoss(s, t, alpha=3e-5), branch="one2one")
+    clone = cloudpickle.loads(cloudpickle.dumps(trainer_cls))
+    assert issubclass(clone, FAMKDTrainer) and clone.branch == "one2one"
+    loss = clone.loss_factory([16, 32], [32, 64], NC)
+    assert isinstance(loss, MGDLoss) and loss.alpha == 3e-5
