@@ -322,3 +322,32 @@ def test_bound_trainer_survives_cloudpickle_as_ultralytics_ddp_launch_needs():
     assert issubclass(clone, FAMKDTrainer) and clone.branch == "one2one"
     loss = clone.loss_factory([16, 32], [32, 64], NC)
     assert isinstance(loss, MGDLoss) and loss.alpha == 3e-5
+
+
+def test_missing_ultralytics_names_the_extra(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.setitem(sys.modules, "ultralytics", None)  # `import ultralytics...` now raises ImportError
+    for name in [m for m in sys.modules if m.startswith("ultralytics.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.delitem(sys.modules, "famkd_losses.integrations.ultralytics")
+    with pytest.raises(ImportError, match=r"pip install 'famkd-losses\[ultralytics\]'"):
+        importlib.import_module("famkd_losses.integrations.ultralytics")
+
+
+def test_the_example_script_trains_with_fgd(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "ultralytics_distill.py"
+    spec = importlib.util.spec_from_file_location("ultralytics_distill", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    torch.save({"model": _model("yolov8s.yaml", 0)}, tmp_path / "teacher.pt")
+    args = ["--data", _dataset(tmp_path / "data"), "--teacher", str(tmp_path / "teacher.pt"), "--loss", "fgd"]
+    args += ["epochs=1", f"imgsz={SIDE}", "batch=2", "workers=0", "device=cpu", "plots=false", "amp=false"]
+    args += [f"project={tmp_path / 'runs'}", "name=example", "verbose=false"]
+    model = example.main(args)
+    assert isinstance(model.trainer.model.distill_loss, FGDLoss)
+    assert float(model.trainer.tloss["dis_loss"]) > 0
