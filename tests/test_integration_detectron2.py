@@ -1,4 +1,4 @@
-"""The detectron2 recipe of docs/guides/other-codebases.md on real (tiny, randomly initialised) models.
+"""The detectron2 recipe of docs/guides/detectron2.md on real (tiny, randomly initialised) models.
 
 RetinaNet (dense: FPN features and class logits) and Faster R-CNN with FPN (features only),
 built from detectron2's config on the CPU, with no downloads. Skipped where detectron2 is
