@@ -120,6 +120,9 @@ def test_yolo_outputs_boxes_are_pixel_xyxy_per_image(pair):
 
 
 def test_yolo_outputs_errors():
+    obb = {"bboxes": torch.zeros(3, 5), "batch_idx": torch.zeros(3)}
+    with pytest.raises(ValueError, match="axis-aligned"):
+        yolo_outputs({"scores": torch.zeros(1, 3, 4), "feats": [torch.zeros(1, 4, 2, 2)]}, batch=obb)
     with pytest.raises(ValueError, match="branch must be one of"):
         yolo_outputs({}, branch="both")
     with pytest.raises(TypeError, match="raw output of a YOLO Detect head"):
@@ -168,7 +171,7 @@ def test_one_training_step_trains_the_student_and_the_loss_not_the_teacher(facto
     assert _changed(l0, model.distill_loss) > 0, "the loss's align layers / generators did not train"
 
 
-def test_the_distillation_term_is_the_loss_on_the_heads_tensors(pair):
+def test_the_distillation_term_is_the_loss_on_the_heads_tensors():
     """dis_loss equals FAMKDLoss called directly on what the two heads produced."""
     teacher, student = _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)
     model = YOLODistillationModel(teacher, student, lambda s, t, nc: FAMKDLoss(s, t, num_classes=nc, alpha=1e-3))
@@ -187,8 +190,11 @@ def test_autocast_bf16_step_is_finite():
     model = YOLODistillationModel(_model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1))
     model.train()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss, _ = model(_batch())
-    assert loss.dtype == torch.float32 and torch.isfinite(loss).all()
+        loss, items = model(_batch())
+        # the heads' maps are bf16 under autocast
+        assert yolo_outputs(model.student_model(_batch()["img"])).cls_logits[0].dtype == torch.bfloat16
+    assert model.distill_loss.last_terms()["total"].dtype == torch.float32  # reduced in float32
+    assert items["dis_loss"].dtype == torch.float32 and torch.isfinite(loss).all()
     loss.sum().backward()
     grads = [p.grad for p in model.distill_loss.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
@@ -209,10 +215,18 @@ def test_end_to_end_heads_distil_either_branch():
     torch.testing.assert_close(b.cls_logits[1], a.cls_logits[1])
     for f_a, f_b in zip(a.features, b.features):
         assert f_a is f_b  # both branches read the same neck features
-    for m in (many, one):
+    batch = _batch()
+    with torch.no_grad():
+        t_raw = teacher(batch["img"])
+    for m, branch in ((many, "one2many"), (one, "one2one")):
         m.train()
-        loss, items = m(_batch())
+        loss, items = m(batch)
         assert torch.isfinite(loss).all() and float(items["dis_loss"]) > 0
+        with torch.no_grad():  # the wrapper used its branch's logits
+            s = yolo_outputs(student(batch["img"]), branch=branch)
+            t = yolo_outputs(t_raw, branch=branch)
+            expected = m.distill_loss(s.features, t.features, s.cls_logits, t.cls_logits)
+        torch.testing.assert_close(items["dis_loss"][0], expected)
 
 
 def test_wrapper_errors():
@@ -314,14 +328,36 @@ def test_trainer_without_a_teacher_says_how_to_give_one(tmp_path):
         _train(tmp_path, FAMKDTrainer)
 
 
-def test_bound_trainer_survives_cloudpickle_as_ultralytics_ddp_launch_needs():
-    """Multi-GPU runs re-create the trainer class in worker processes from a cloudpickle of it."""
+def test_trainer_refuses_quantisation_aware_training(tmp_path):
+    torch.save({"model": _model("yolov8s.yaml", 0)}, tmp_path / "teacher.pt")
+    with pytest.raises(ValueError, match="does not support quantize=8"):
+        _train(tmp_path, FAMKDTrainer, distill_model=str(tmp_path / "teacher.pt"), quantize=8)
+
+
+def test_bound_trainer_survives_cloudpickle_as_ultralytics_ddp_launch_needs(tmp_path):
+    """Multi-GPU runs re-create the trainer class in fresh worker processes from a cloudpickle of it."""
+    import subprocess
+    import sys
+
     cloudpickle = pytest.importorskip("cloudpickle")
-    trainer_cls = distillation_trainer(lambda s, t, nc: MGDLoss(s, t, alpha=3e-5), branch="one2one")
-    clone = cloudpickle.loads(cloudpickle.dumps(trainer_cls))
-    assert issubclass(clone, FAMKDTrainer) and clone.branch == "one2one"
-    loss = clone.loss_factory([16, 32], [32, 64], NC)
-    assert isinstance(loss, MGDLoss) and loss.alpha == 3e-5
+    teacher = _model("yolov8s.yaml", 0)
+    trainer_cls = distillation_trainer(lambda s, t, nc: MGDLoss(s, t, alpha=3e-5), teacher=teacher, branch="one2one")
+    (tmp_path / "trainer.pkl").write_bytes(cloudpickle.dumps(trainer_cls))
+    code = (
+        "import pickle, sys, torch\n"
+        "cls = pickle.loads(open(sys.argv[1], 'rb').read())\n"
+        "from famkd_losses.integrations.ultralytics import FAMKDTrainer\n"
+        "loss = cls.loss_factory([16, 32], [32, 64], 3)\n"
+        "print(issubclass(cls, FAMKDTrainer), cls.branch, type(loss).__name__, loss.alpha,\n"
+        "      sum(p.numel() for p in cls.teacher.parameters()))\n"
+    )
+    env = {**os.environ, "YOLO_OFFLINE": "1"}
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "trainer.pkl")], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    n_teacher = sum(p.numel() for p in teacher.parameters())
+    assert out.stdout.split() == ["True", "one2one", "MGDLoss", "3e-05", str(n_teacher)]
 
 
 def test_missing_ultralytics_names_the_extra(monkeypatch):
@@ -351,3 +387,50 @@ def test_the_example_script_trains_with_fgd(tmp_path):
     model = example.main(args)
     assert isinstance(model.trainer.model.distill_loss, FGDLoss)
     assert float(model.trainer.tloss["dis_loss"]) > 0
+
+
+def test_resume_rebuilds_the_wrapper_with_the_trained_loss(tmp_path):
+    """An interrupted FAMKDTrainer run resumes with its student, its loss module and a teacher."""
+    import shutil
+
+    from ultralytics import YOLO
+
+    teacher_path = tmp_path / "teacher.pt"
+    torch.save({"model": _model("yolov8s.yaml", 0)}, teacher_path)
+    saved = tmp_path / "interrupted.pt"
+
+    def keep_epoch_1(trainer):  # last.pt as written after epoch 1 of 2 (the end of a run strips it)
+        if trainer.epoch == 0:
+            shutil.copy(trainer.last, saved)
+
+    yolo = YOLO("yolov8n.yaml")
+    yolo.add_callback("on_model_save", keep_epoch_1)
+    common = {"imgsz": SIDE, "batch": 2, "workers": 0, "device": "cpu", "plots": False, "amp": False}
+    yolo.train(
+        data=_dataset(tmp_path / "data"),
+        trainer=FAMKDTrainer,
+        distill_model=str(teacher_path),
+        epochs=2,
+        project=str(tmp_path / "runs"),
+        name="first",
+        verbose=False,
+        **common,
+    )
+    ckpt = torch.load(saved, weights_only=False)
+    assert isinstance(ckpt["ema"], YOLODistillationModel) and ckpt["ema"].teacher_model is None
+    trained_loss = {k: v.float() for k, v in ckpt["ema"].projector.state_dict().items()}
+
+    resumed = YOLO(str(saved))
+    start: dict = {}
+    resumed.add_callback(  # the loss module as the resumed run starts training
+        "on_pretrain_routine_end",
+        lambda tr: start.update({k: v.detach().clone() for k, v in tr.model.distill_loss.state_dict().items()}),
+    )
+    resumed.train(resume=True, trainer=FAMKDTrainer, distill_model=str(teacher_path), **common)
+    trainer = resumed.trainer
+    assert trainer.start_epoch == 1 and isinstance(trainer.model, YOLODistillationModel)
+    assert trainer.model.teacher_model is not None
+    assert float(trainer.tloss["dis_loss"]) > 0
+    assert set(start) == set(trained_loss)
+    for key, value in trained_loss.items():  # the resumed run starts from the checkpoint's loss weights
+        torch.testing.assert_close(start[key], value, rtol=0, atol=0)

@@ -2,9 +2,10 @@
 
 ultralytics (>= 8.4.78) trains with knowledge distillation when ``distill_model=`` names a
 teacher: its trainer wraps the student in ``ultralytics.nn.distill_model.DistillationModel``
-(strips the teacher from the EMA and from saved checkpoints, freezes it, keeps the student's
-detection loss). `YOLODistillationModel` is that wrapper with a famkd-losses loss in place of
-ultralytics' built-in one, and `FAMKDTrainer` is the detection trainer that builds it::
+(freezes the teacher, keeps it out of the EMA and the checkpoints, keeps the student's
+detection loss, strips the final weights to the student). `YOLODistillationModel` is that
+wrapper with a famkd-losses loss in place of ultralytics' built-in one, and `FAMKDTrainer`
+is the detection trainer that builds it (and resumes it)::
 
     from ultralytics import YOLO
     from famkd_losses.integrations.ultralytics import FAMKDTrainer
@@ -16,7 +17,8 @@ ultralytics' built-in one, and `FAMKDTrainer` is the detection trainer that buil
 
 What is distilled: the features the ``Detect`` head reads (the neck outputs, one per stride)
 and its class logits, per level ``(N, nc, H_l, W_l)`` (one anchor per cell). End-to-end heads
-(YOLOv10, YOLO26) give two logit branches: ``branch="one2many"`` (default) or ``"one2one"``.
+(YOLOv10, YOLO26) give two logit branches: ``branch="one2many"`` (default) or ``"one2one"``
+(whose features ultralytics detaches: its logits term trains only the one2one class convs).
 The distillation term is added to the detection losses as ultralytics adds its own: multiplied
 by the batch size in the loss that is back-propagated, reported per image as ``dis_loss``. The
 loss's own weights (``alpha``/``beta``) set its scale; ultralytics' ``dis`` argument is not used.
@@ -78,8 +80,10 @@ def _head_dict(raw: Any, branch: str) -> tuple[Mapping[str, Any], Mapping[str, A
             "expected the raw output of a YOLO Detect head (a dict in train mode, (y, dict) in eval mode); got "
             f"{type(raw).__name__}: is the model in export mode, or not a detection model?"
         )
-    if "one2many" in raw:  # end-to-end head: two branches on the same features
-        return raw["one2many"], raw[branch]
+    if branch in raw:  # end-to-end head: two branches on the same features
+        # one2one's copy of the features is detached in training: read them from one2many where it is there
+        many = raw.get("one2many")
+        return (many if isinstance(many, Mapping) and "feats" in many else raw[branch]), raw[branch]
     return raw, raw  # a one-branch head: ``branch`` does not apply
 
 
@@ -130,7 +134,13 @@ def _boxes(batch: Mapping[str, Tensor] | None, n: int, h: int, w: int, like: Ten
     """ultralytics' (normalised xywh, batch_idx) labels -> per image (n_i, 4) x1y1x2y2 pixels."""
     if batch is None or "bboxes" not in batch:
         return [like.new_zeros((0, 4), dtype=torch.float32) for _ in range(n)]
-    xywh = batch["bboxes"].to(device=like.device, dtype=torch.float32).reshape(-1, 4)
+    boxes = batch["bboxes"]
+    if boxes.shape[-1] != 4:
+        raise ValueError(
+            f"batch['bboxes'] must hold axis-aligned normalised xywh boxes (..., 4), got {tuple(boxes.shape)} "
+            "(oriented boxes?): FGD's box masks need axis-aligned boxes"
+        )
+    xywh = boxes.to(device=like.device, dtype=torch.float32).reshape(-1, 4)
     idx = batch["batch_idx"].to(like.device).reshape(-1).long()
     scale = xywh.new_tensor([w, h, w, h])
     xy, wh = xywh[:, :2], xywh[:, 2:]
@@ -187,6 +197,12 @@ class YOLODistillationModel(DistillationModel):
         self.dis = 1.0
 
         s_ch, t_ch, nc = self._probe_channels(device)
+        s_names, t_names = getattr(student_model, "names", None), getattr(teacher_model, "names", None)
+        if s_names and t_names and dict(s_names) != dict(t_names):
+            LOGGER.warning(
+                f"teacher and student name their classes differently (student {dict(s_names)}, teacher "
+                f"{dict(t_names)}): the logits are distilled by index, so the class orders must match"
+            )
         copy_attr(self, student_model)
         module = default_loss if loss is None else loss
         if not isinstance(module, nn.Module):
@@ -266,24 +282,47 @@ class FAMKDTrainer(DetectionTrainer):
     teacher: nn.Module | None = None
     branch: str = "one2many"
 
-    def set_model_attributes(self) -> None:
-        super().set_model_attributes()
-        model = unwrap_model(self.model)
-        if isinstance(model, YOLODistillationModel):
-            return
-        if isinstance(model, DistillationModel):
-            raise RuntimeError(
-                "resuming a distillation run rebuilt ultralytics' own DistillationModel; FAMKDTrainer cannot resume "
-                "(its loss state is not in ultralytics' checkpoints): start a new run from the saved student instead"
-            )
+    def _teacher(self) -> str | Path | nn.Module:
         teacher = self.teacher if self.teacher is not None else self.args.distill_model
         if teacher is None:
             raise ValueError(
                 "FAMKDTrainer needs a teacher: pass distill_model='teacher.pt' to train(), "
                 "or distillation_trainer(..., teacher=model)"
             )
-        factory = self.loss_factory
-        self.model = YOLODistillationModel(teacher, self.model, factory, branch=self.branch)
+        return teacher
+
+    def setup_model(self):
+        """As ultralytics', and on resume rebuild the wrapper with the checkpoint's trained loss module."""
+        if isinstance(self.model, nn.Module) or not str(self.model).lower().endswith(".pt"):
+            return super().setup_model()
+        weights, ckpt = load_checkpoint(self.model)
+        if not isinstance(weights, YOLODistillationModel):
+            return super().setup_model()
+        # a checkpoint written during a FAMKDTrainer run (ultralytics keeps the wrapper, less the teacher,
+        # until the end): the student and the loss module (EMA weights, as ultralytics resumes) come from it
+        student = self.get_model(cfg=weights.yaml, weights=weights.student_model, verbose=False)
+        student.args = self.args
+        self.model = YOLODistillationModel(self._teacher(), student, weights.projector, branch=weights.branch)
+        self.model.criterion = None
+        return ckpt
+
+    def set_model_attributes(self) -> None:
+        super().set_model_attributes()
+        if getattr(self.args, "quantize", None):
+            raise ValueError(
+                f"FAMKDTrainer does not support quantize={self.args.quantize}: quantisation-aware training would "
+                "prepare the wrapper (teacher and loss included) instead of the student"
+            )
+        model = unwrap_model(self.model)
+        if isinstance(model, YOLODistillationModel):
+            model.student_model.args = self.args  # resumed: the wrapper was rebuilt in setup_model
+            return
+        if isinstance(model, DistillationModel):
+            raise RuntimeError(
+                "the model is ultralytics' own DistillationModel (a checkpoint of a run without FAMKDTrainer?): "
+                "FAMKDTrainer resumes only its own runs"
+            )
+        self.model = YOLODistillationModel(self._teacher(), self.model, self.loss_factory, branch=self.branch)
         if self.args.compile:  # as ultralytics does for its own distillation
             LOGGER.warning("FAMKDTrainer: 'compile' is not supported with distillation and is disabled")
             self.args.compile = False
