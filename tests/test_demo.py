@@ -259,6 +259,16 @@ def test_teacher_cache_is_keyed_and_reused(small_data, tmp_path):
 
 
 @pytest.mark.slow
+def test_default_schedules_per_detector_and_overrides():
+    from famkd_losses.demo.pipeline import DemoConfig
+
+    fcos, retina = DemoConfig.preset(), DemoConfig.preset(detector="retinanet")
+    assert (fcos.teacher_iters, fcos.student_iters) == (1000, 500)
+    assert (retina.teacher_iters, retina.student_iters) == (3000, 1000)
+    assert DemoConfig.preset(detector="retinanet", student_iters=200).student_iters == 200
+    assert DemoConfig.preset(quick=True, detector="retinanet").student_iters == 40
+
+
 def test_quick_demo_end_to_end(tmp_path):
     from famkd_losses.demo.__main__ import main
 

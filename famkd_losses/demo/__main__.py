@@ -28,7 +28,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="first training seed (default 0)")
     p.add_argument("--data-seed", type=int, default=None, help="seed of the canvases (default 0)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
-    p.add_argument("--detector", choices=("fcos", "retinanet"), default="fcos")
+    p.add_argument(
+        "--detector",
+        choices=("fcos", "retinanet"),
+        default="fcos",
+        help="fcos (default) or retinanet (trains 3000 / 1000 iterations: about 50 min on 2 CPU cores)",
+    )
     p.add_argument(
         "--backend",
         choices=("auto", "torch", "compile", "triton"),

@@ -27,7 +27,7 @@ from .report import (
 )
 from .train import TrainConfig, load_or_train_teacher, probe_batch, train
 
-__all__ = ["DemoConfig", "default_cache_dir", "run_demo", "ABLATION_GRID", "ROW_ORDER"]
+__all__ = ["ABLATION_GRID", "ROW_ORDER", "SCHEDULES", "DemoConfig", "default_cache_dir", "run_demo"]
 
 # One factor at a time around FAMKD_DEFAULTS.
 ABLATION_GRID: dict[str, list[dict[str, Any]]] = {
@@ -43,6 +43,10 @@ ABLATION_GRID: dict[str, list[dict[str, Any]]] = {
     "weights": [{"weights": "soft"}, {"weights": "mask"}],
 }
 ROW_ORDER = ("teacher", "student", *METHODS, "control")
+# Default-size schedules (teacher, student iterations) per detector. RetinaNet's IoU-matched
+# anchors give about 2 positives per digit here (FCOS: many locations per object): at FCOS's
+# 1000 / 500 its teacher reached 7.5 AP, at 3000 / 1000 33.4 (student 5.8).
+SCHEDULES: dict[str, tuple[int, int]] = {"fcos": (1000, 500), "retinanet": (3000, 1000)}
 
 
 def default_cache_dir() -> Path:
@@ -52,7 +56,8 @@ def default_cache_dir() -> Path:
 
 @dataclass
 class DemoConfig:
-    """A demo run. `preset` gives the default (about 12 min on 2 CPU cores) and ``--quick`` sizes."""
+    """A demo run. `preset` gives the default sizes (FCOS: about 12 min on 2 CPU cores; RetinaNet
+    trains 3x longer, see `SCHEDULES`) and the ``--quick`` ones."""
 
     out: Path = Path("famkd_demo_out")
     detector: str = "fcos"
@@ -85,7 +90,8 @@ class DemoConfig:
                 attention_images=1,
             )
         else:
-            base = cls()
+            teacher_iters, student_iters = SCHEDULES[overrides.get("detector") or "fcos"]
+            base = cls(teacher_iters=teacher_iters, student_iters=student_iters)
         return replace(base, **{k: v for k, v in overrides.items() if v is not None})
 
     def to_dict(self) -> dict:
