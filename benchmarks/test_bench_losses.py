@@ -18,7 +18,7 @@ import torch
 from cases import case_by_name
 from torch import nn
 
-from famkd_losses import FAMKDLoss, FGDLoss, MaskedLogitsLoss, MGDLoss
+from famkd_losses import FULL_METHOD, FAMKDLoss, FGDLoss, MaskedLogitsLoss, MGDLoss
 from famkd_losses.kernels import HAS_TRITON
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -67,7 +67,10 @@ def _build(workload: str, case, provider: str, device: torch.device):
     if workload == "famkd_feature_nogen":
         mod = _strip_generators(
             FAMKDLoss(
-                [case.student_channels] * len(case.levels), [case.teacher_channels] * len(case.levels), backend=backend
+                [case.student_channels] * len(case.levels),
+                [case.teacher_channels] * len(case.levels),
+                backend=backend,
+                **FULL_METHOD,  # the multi-scale, dual-branch path (the heaviest, what the kernels fuse)
             )
         )
     elif workload == "famkd_full":
@@ -76,6 +79,7 @@ def _build(workload: str, case, provider: str, device: torch.device):
             [case.teacher_channels] * len(case.levels),
             num_classes=case.num_classes,
             backend=backend,
+            **FULL_METHOD,
         )
     elif workload == "logits":
         mod = MaskedLogitsLoss(num_classes=case.num_classes, backend=backend)

@@ -2,8 +2,9 @@
 
 A plain training loop, no detector framework: the teacher is a fixed 3-level feature pyramid
 with a dense classification head; the student has half the channels. The student, the
-loss's align convs and generators, and its fusion weights are trained together. The script
-prints the loss and its parts, and the student's agreement with the teacher before and after.
+loss's align convs and generators (and fusion weights, with both branches) train together.
+The script prints the loss and its parts, and the student's agreement with the teacher
+before and after.
 
     python examples/quickstart.py [--steps 40]
 """
@@ -74,18 +75,21 @@ def main() -> None:
         loss.backward()
         optimizer.step()
         if step == 1 or step % 10 == 0:
-            terms = kd.last_terms()
+            terms = kd.last_terms(as_float=True)
+            scales = ", ".join(
+                f"s{k.rsplit('scale', 1)[1]} {v:.4f}" for k, v in terms.items() if k.startswith("feature/level0/scale")
+            )
             print(
                 f"step {step:3d}  loss {terms['total']:.4f}  feature {terms['feature']:.4f}  "
-                f"logits {terms['logits']:.4f}  (level0: s1 {terms['feature/level0/scale1']:.4f}, "
-                f"s2 {terms['feature/level0/scale2']:.4f}, s4 {terms['feature/level0/scale4']:.4f})"
+                f"logits {terms['logits']:.4f}  (level0: {scales})"
             )
     with torch.no_grad():
         after = agreement(student(held_out)[1], teacher(held_out)[1])
     print(f"\n{args.steps} steps in {time.perf_counter() - start:.1f} s (CPU)")
     print(f"student-teacher class-probability gap on held-out inputs: {before:.4f} -> {after:.4f}")
-    weights = [[round(v, 3) for v in row] for row in kd.fusion_weights()[0].tolist()]
-    print("learned fusion weights (spatial, channel) per scale at level 0:", weights)
+    if kd.feature_losses[0].fusion_logits is not None:  # both branches (e.g. FAMKDLoss(..., **FULL_METHOD))
+        weights = [[round(v, 3) for v in row] for row in kd.fusion_weights()[0].tolist()]
+        print("learned fusion weights (spatial, channel) per scale at level 0:", weights)
 
 
 if __name__ == "__main__":

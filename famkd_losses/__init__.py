@@ -18,6 +18,7 @@ from .losses import (
     PKDLoss,
     ScaleAwareMaskedFeatureLoss,
 )
+from .losses.famkd import FULL_METHOD
 
 __version__ = "0.1.0"
 
@@ -26,6 +27,7 @@ __all__ = [
     "CWDLoss",
     "FAMKDLoss",
     "FGDLoss",
+    "FULL_METHOD",
     "KDLoss",
     "MGDLoss",
     "MaskedLogitsLoss",

@@ -7,7 +7,7 @@ import torch
 from _literal import feature_level_literal, logits_literal
 from torch.autograd import gradcheck
 
-from famkd_losses import FAMKDLoss, MaskedLogitsLoss, ScaleAwareMaskedFeatureLoss
+from famkd_losses import FULL_METHOD, FAMKDLoss, MaskedLogitsLoss, ScaleAwareMaskedFeatureLoss
 from famkd_losses.functional import num_masked
 
 D64 = torch.float64
@@ -278,7 +278,7 @@ def _famkd_inputs(cs=4, ct=6, a_k=6, seed=0):
 
 def test_famkd_equals_sum_of_parts():
     s, t, zs, zt = _famkd_inputs()
-    kd = _perturb_params(FAMKDLoss([4] * 4, [6] * 4).double())
+    kd = _perturb_params(FAMKDLoss([4] * 4, [6] * 4, **FULL_METHOD).double())
     total = kd(s, t, zs, zt)
     feat = sum(feature_level_literal(m, a, b) for m, a, b in zip(kd.feature_losses, s, t))
     logit = MaskedLogitsLoss()(zs, zt)
@@ -297,7 +297,7 @@ def test_famkd_equals_sum_of_parts():
 
 def test_famkd_feature_only():
     s, t, _, _ = _famkd_inputs()
-    kd = FAMKDLoss([4] * 4, [6] * 4).double()
+    kd = FAMKDLoss([4] * 4, [6] * 4, **FULL_METHOD).double()
     total = kd(s, t)
     assert "logits" not in kd.last_terms()
     torch.testing.assert_close(total, kd.last_terms()["feature"])
@@ -305,7 +305,7 @@ def test_famkd_feature_only():
 
 def test_famkd_feature_guidance_uses_aligned_student():
     s, t, zs, zt = _famkd_inputs()
-    kd = FAMKDLoss([4] * 4, [6] * 4, guidance="feature").double()
+    kd = FAMKDLoss([4] * 4, [6] * 4, guidance="feature", **FULL_METHOD).double()
     total = kd(s, t, zs, zt)
     aligned = [m.align(a) for m, a in zip(kd.feature_losses, s)]
     ref = logits_literal(zs, zt, guidance="feature", s_feats=aligned, t_feats=t)
@@ -326,6 +326,7 @@ def test_famkd_passes_options_through():
         beta=2.0,
         tau_w=0.5,
         seed=11,
+        branches=("spatial", "channel"),
     )
     f0, f1 = kd.feature_losses
     assert f0.scales == (1, 2) and f0.mask_mode == "sample" and f0.ratio_sp == 0.3 and f0.tau == 0.7
@@ -334,13 +335,26 @@ def test_famkd_passes_options_through():
     assert len(kd.fusion_weights()) == 2 and kd.fusion_weights()[0].shape == (2, 2)
 
 
+def test_famkd_defaults_are_the_ablations_and_full_method_restores_the_parts():
+    kd, full = FAMKDLoss([4], [8]), FAMKDLoss([4], [8], **FULL_METHOD)
+    f = kd.feature_losses[0]
+    chosen = (f.scales, f.mask_mode, f.ratio_sp, f.ratio_ch, f.branches)
+    assert chosen == ((1,), "topk_nonsalient", 0.5, 0.25, ("channel",))
+    assert kd.logits_loss.weights == "mask" and kd.logits_loss.guidance == "logit"
+    part, logits_part = ScaleAwareMaskedFeatureLoss(4, 8), MaskedLogitsLoss()
+    g = full.feature_losses[0]
+    for name in ("scales", "mask_mode", "ratio_sp", "ratio_ch", "branches"):
+        assert getattr(g, name) == getattr(part, name)
+    assert full.logits_loss.weights == logits_part.weights
+
+
 def test_famkd_gradients():
     s, t, zs, zt = _famkd_inputs()
     s = [x.float().requires_grad_(True) for x in s]
     t = [x.float().requires_grad_(True) for x in t]
     zs = [x.float().requires_grad_(True) for x in zs]
     zt = [x.float().requires_grad_(True) for x in zt]
-    kd = FAMKDLoss([4] * 4, [6] * 4)
+    kd = FAMKDLoss([4] * 4, [6] * 4, **FULL_METHOD)
     kd(s, t, zs, zt).backward()
     assert all(x.grad is None for x in t + zt)
     assert all(x.grad is not None and torch.isfinite(x.grad).all() for x in s + zs)

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from famkd_losses import (
+    FULL_METHOD,
     CWDLoss,
     FAMKDLoss,
     FGDLoss,
@@ -105,7 +106,7 @@ def _level_sizes(draw_sizes, levels):
 def test_fuzz_famkd(n, levels, cs, ct, sizes, a, k, head, guidance, seed):
     torch.manual_seed(seed % 1000)
     sizes = sizes[:levels]
-    kd = FAMKDLoss([cs] * levels, [ct] * levels, head=head, guidance=guidance, num_classes=k).double()
+    kd = FAMKDLoss([cs] * levels, [ct] * levels, head=head, guidance=guidance, num_classes=k, **FULL_METHOD).double()
     g = torch.Generator().manual_seed(seed)
     s = [_randn(g, n, cs, h, w).requires_grad_(True) for h, w in sizes]
     t = [_randn(g, n, ct, h, w) for h, w in sizes]

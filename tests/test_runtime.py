@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from famkd_losses import CWDLoss, FAMKDLoss, FGDLoss, KDLoss, MaskedLogitsLoss, MGDLoss, PKDLoss
+from famkd_losses import FULL_METHOD, CWDLoss, FAMKDLoss, FGDLoss, KDLoss, MaskedLogitsLoss, MGDLoss, PKDLoss
 
 N = 2
 S_CH = [8, 16]  # level 0 needs an align conv (8 -> 16), level 1 is the identity
@@ -104,7 +104,7 @@ def _class_logits(g: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
 CASES = {
     "famkd": Case(
         "famkd",
-        lambda: FAMKDLoss(S_CH, T_CH),  # default mask_mode="topk": deterministic
+        lambda: FAMKDLoss(S_CH, T_CH, **FULL_METHOD),  # mask_mode="topk": deterministic
         _famkd_inputs,
         lambda m, s, t: m(s[:2], t[:2], s[2:], t[2:]),
     ),

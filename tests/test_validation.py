@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from famkd_losses import (
+    FULL_METHOD,
     CWDLoss,
     FAMKDLoss,
     FGDLoss,
@@ -107,7 +108,7 @@ def assert_not_finite(loss: torch.Tensor) -> None:
 
 BUILD: dict[str, Callable[..., Any]] = {
     "SAMFL": lambda **kw: ScaleAwareMaskedFeatureLoss(CS, CT, **kw),
-    "FAMKD": lambda **kw: FAMKDLoss([CS, CS], [CT, CT], **kw),
+    "FAMKD": lambda **kw: FAMKDLoss([CS, CS], [CT, CT], **{**FULL_METHOD, **kw}),
     "Logits": lambda **kw: MaskedLogitsLoss(**kw),
     "MGD": lambda **kw: MGDLoss(CS, CT, **kw),
     "MGDx": lambda **kw: MGDLoss([CS, CS], [CT, CT], **kw),
@@ -1471,7 +1472,7 @@ def test_nan_kd(mode: str, dense: bool, value: float) -> None:
 # --------------------------------------------------------------------------------------------
 
 RESIZABLE = {
-    "FAMKD": lambda **kw: FAMKDLoss([CS, CS], [CT, CT], **kw),
+    "FAMKD": lambda **kw: FAMKDLoss([CS, CS], [CT, CT], **{**FULL_METHOD, **kw}),
     "SAMFL": lambda **kw: ScaleAwareMaskedFeatureLoss(CS, CT, **kw),
     "MGD": lambda **kw: MGDLoss(CS, CT, seed=0, **kw),
     "FGD": lambda **kw: FGDLoss(CS, CT, **kw),

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from famkd_losses import FAMKDLoss, MaskedLogitsLoss
+from famkd_losses import FULL_METHOD, FAMKDLoss, MaskedLogitsLoss
 from famkd_losses.kernels import can_run
 
 pytestmark = pytest.mark.skipif(
@@ -96,8 +96,12 @@ def test_famkd_triton_matches_torch(kernel_calls):
     t = [torch.randn(2, 6, h, w, generator=g).to(DEVICE) for h, w in levels]
     zs = [torch.randn(2, 6, h, w, generator=g).to(DEVICE).requires_grad_(True) for h, w in levels]
     zt = [torch.randn(2, 6, h, w, generator=g).to(DEVICE) for h, w in levels]
-    ref_mod = FAMKDLoss([4] * 3, [6] * 3, num_classes=3, weighting="attention", backend="torch").to(DEVICE)
-    tri_mod = FAMKDLoss([4] * 3, [6] * 3, num_classes=3, weighting="attention", backend="triton").to(DEVICE)
+    ref_mod = FAMKDLoss([4] * 3, [6] * 3, num_classes=3, weighting="attention", backend="torch", **FULL_METHOD).to(
+        DEVICE
+    )
+    tri_mod = FAMKDLoss([4] * 3, [6] * 3, num_classes=3, weighting="attention", backend="triton", **FULL_METHOD).to(
+        DEVICE
+    )
     tri_mod.load_state_dict(ref_mod.state_dict())
     with torch.no_grad():
         for fl in (*ref_mod.feature_losses, *tri_mod.feature_losses):
