@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .._validation import check_choice
 from ..losses import FAMKDLoss
 from ._outputs import DetectorOutputs, distillation_loss
 
@@ -108,8 +109,7 @@ def yolo_outputs(
     Returns:
         `DetectorOutputs` with ``features`` and ``cls_logits`` (N, nc, H_l, W_l) per level.
     """
-    if branch not in BRANCHES:
-        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+    check_choice("branch", branch, BRANCHES)
     feats_dict, logits_dict = _head_dict(raw, branch)
     for key, d in (("feats", feats_dict), ("scores", logits_dict)):
         if key not in d:
@@ -173,8 +173,7 @@ class YOLODistillationModel(DistillationModel):
         branch: str = "one2many",
     ) -> None:
         nn.Module.__init__(self)  # ultralytics' __init__ builds its own projector and hooks: not used
-        if branch not in BRANCHES:
-            raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+        check_choice("branch", branch, BRANCHES)
         if isinstance(teacher_model, (str, Path)):
             teacher_model = load_checkpoint(teacher_model)[0]
         if not isinstance(teacher_model, nn.Module):
@@ -261,8 +260,8 @@ class YOLODistillationModel(DistillationModel):
         s_raw = self.student_model(image)
         det_loss, items = self.student_model.loss(batch, s_raw)
         size = image.shape[-2:]
-        student = yolo_outputs(s_raw, branch=self.branch, image_size=size, batch=batch)
-        teacher = yolo_outputs(t_raw, branch=self.branch, image_size=size, batch=batch)
+        student = yolo_outputs(s_raw, branch=self.branch, image_size=size)
+        teacher = yolo_outputs(t_raw, branch=self.branch, image_size=size, batch=batch)  # FGD reads its boxes
         kd = distillation_loss(self.projector, student, teacher).reshape(1)
         items["dis_loss"] = kd.detach()  # shape (1,), as ultralytics reports its own
         return torch.cat([det_loss, (kd * image.shape[0]).to(det_loss.dtype)]), items
@@ -341,8 +340,7 @@ def distillation_trainer(
     ``loss(student_channels, teacher_channels, num_classes)`` returning one (the channels are
     then read from the two models); ``teacher``, when given, replaces ``distill_model=``.
     """
-    if branch not in BRANCHES:
-        raise ValueError(f"branch must be one of {BRANCHES}, got {branch!r}")
+    check_choice("branch", branch, BRANCHES)
     if loss is not None and not callable(loss):
         raise TypeError(
             "loss must be a loss module or a factory (student_channels, teacher_channels, num_classes) -> module, "
