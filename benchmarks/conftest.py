@@ -31,6 +31,10 @@ def pytest_addoption(parser):
     group.addoption("--bench-dtypes", default=None, help="comma-separated: float32,bfloat16")
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if available)")
     group.addoption("--bench-out", default=None, help="results folder (default benchmarks/results/<device>)")
+    group.addoption(
+        "--bench-providers", default=None, help="comma-separated providers to run (eager,compile,triton,liger)"
+    )
+    group.addoption("--bench-workloads", default=None, help="comma-separated workloads to run (default: all)")
 
 
 def bench_device(config) -> torch.device:
@@ -64,10 +68,51 @@ def device(request) -> torch.device:
     return bench_device(request.config)
 
 
+def pytest_collection_modifyitems(config, items):
+    """--bench-providers / --bench-workloads: deselect the other parametrisations."""
+    providers = config.getoption("--bench-providers")
+    workloads = config.getoption("--bench-workloads")
+    if not (providers or workloads):
+        return
+    keep, drop = [], []
+    for item in items:
+        params = getattr(item, "callspec", None)
+        params = params.params if params else {}
+        ok = (not providers or params.get("provider") in providers.split(",")) and (
+            not workloads or params.get("workload") in workloads.split(",")
+        )
+        (keep if ok else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+def results_folder(config, env: dict) -> Path:
+    out = config.getoption("--bench-out")
+    slug = env["device"].replace(" ", "_").replace("/", "_") if env["device_type"] == "cuda" else "cpu"
+    return Path(out) if out else RESULTS_DIR / slug
+
+
+def write_tables(rows: list[dict], env: dict, folder: Path) -> None:
+    """results.json and results.csv (rewritten after every row, so a run stopped part-way keeps
+    what it measured)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
+    keys = sorted({k for r in rows for k in r})
+    with open(folder / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 @pytest.fixture(scope="session")
-def record():
+def record(request):
+    env = environment(bench_device(request.config))
+    folder = results_folder(request.config, env)
+
     def _record(row: dict) -> None:
         RESULTS.append(row)
+        write_tables(RESULTS, env, folder)
 
     return _record
 
@@ -103,25 +148,10 @@ def environment(device: torch.device) -> dict:
 def pytest_sessionfinish(session, exitstatus):
     if not RESULTS:
         return
-    dev = bench_device(session.config)
-    env = environment(dev)
-    out = session.config.getoption("--bench-out")
-    slug = env["device"].replace(" ", "_").replace("/", "_") if dev.type == "cuda" else "cpu"
-    folder = Path(out) if out else RESULTS_DIR / slug
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps({"environment": env, "results": RESULTS}, indent=1))
-    keys = sorted({k for r in RESULTS for k in r})
-    with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(RESULTS)
-    from plot import summary_markdown
+    env = environment(bench_device(session.config))
+    folder = results_folder(session.config, env)
+    write_tables(RESULTS, env, folder)
+    from plot import write_report
 
-    (folder / "summary.md").write_text(summary_markdown(RESULTS, env))
-    try:
-        from plot import plot_results
-
-        plot_results(RESULTS, env, folder)
-    except ImportError as e:  # matplotlib missing: JSON/CSV only
-        print(f"\n[benchmarks] no plots ({e})", file=sys.stderr)
+    write_report(RESULTS, env, folder)
     print(f"\n[benchmarks] {len(RESULTS)} rows written to {folder}", file=sys.stderr)

@@ -3,12 +3,14 @@
 - ``eager``: the PyTorch reference (``backend="torch"``);
 - ``compile``: ``torch.compile`` of the same module;
 - ``triton``: the fused kernels (``backend="triton"``), where they can run;
-- peers as users run them today: MGD and FGD (eager and compiled), liger-kernel's KL where
-  importable.
+- ``liger``: liger-kernel's fused KL on the same logits (``logits_softmax`` only, CUDA, where
+  liger-kernel is importable): the peer for the logits part.
 
 Workloads: ``famkd_feature_nogen`` (the feature part with its generator convs replaced by
-identities: masks, pyramid, fusion, error and reduction, the memory-bound part),
-``famkd_full`` (everything, logits included), ``logits`` (MaskedLogitsLoss), ``mgd``, ``fgd``.
+identities: masks, pyramid, fusion, error and reduction, the memory-bound part) and
+``famkd_full`` (everything, logits included), both with ``FULL_METHOD``; the same two with
+`FAMKDLoss`'s own defaults (``famkd_default_nogen``, ``famkd_default_full``); ``logits``
+(MaskedLogitsLoss, sigmoid head) and ``logits_softmax`` (softmax head); ``mgd``; ``fgd``.
 """
 
 from __future__ import annotations
@@ -60,49 +62,76 @@ def _strip_generators(kd: FAMKDLoss) -> FAMKDLoss:
     return kd
 
 
-def _build(workload: str, case, provider: str, device: torch.device):
-    backend = "triton" if provider == "triton" else "torch"
-    if provider == "triton" and not (HAS_TRITON and device.type == "cuda"):
-        pytest.skip("the Triton kernels are benchmarked on CUDA only (the CPU interpreter is a test tool)")
-    if workload == "famkd_feature_nogen":
-        mod = _strip_generators(
-            FAMKDLoss(
-                [case.student_channels] * len(case.levels),
-                [case.teacher_channels] * len(case.levels),
-                backend=backend,
-                **FULL_METHOD,  # the multi-scale, dual-branch path (the heaviest, what the kernels fuse)
-            )
-        )
-    elif workload == "famkd_full":
-        mod = FAMKDLoss(
-            [case.student_channels] * len(case.levels),
-            [case.teacher_channels] * len(case.levels),
-            num_classes=case.num_classes,
-            backend=backend,
-            **FULL_METHOD,
-        )
-    elif workload == "logits":
-        mod = MaskedLogitsLoss(num_classes=case.num_classes, backend=backend)
-    elif workload == "mgd":
-        mod = MGDLoss(
-            [case.student_channels] * len(case.levels),
-            [case.teacher_channels] * len(case.levels),
-            seed=0,
-            backend=backend,
-        )
-    elif workload == "fgd":
-        mod = FGDLoss(
-            [case.student_channels] * len(case.levels), [case.teacher_channels] * len(case.levels), backend=backend
-        )
-    else:
-        raise ValueError(workload)
-    return mod
+def _famkd(case, backend: str, logits: bool, config: dict) -> FAMKDLoss:
+    return FAMKDLoss(
+        [case.student_channels] * len(case.levels),
+        [case.teacher_channels] * len(case.levels),
+        num_classes=case.num_classes if logits else None,
+        backend=backend,
+        **config,
+    )
+
+
+def _build(workload: str, case, backend: str) -> nn.Module:
+    """The loss module of ``workload`` on ``backend`` ("torch" or "triton")."""
+    s_ch = [case.student_channels] * len(case.levels)
+    t_ch = [case.teacher_channels] * len(case.levels)
+    if workload == "famkd_feature_nogen":  # the multi-scale, dual-branch path (the heaviest, what the kernels fuse)
+        return _strip_generators(_famkd(case, backend, False, FULL_METHOD))
+    if workload == "famkd_full":
+        return _famkd(case, backend, True, FULL_METHOD)
+    if workload == "famkd_default_nogen":  # FAMKDLoss's own defaults (one scale, channel branch)
+        return _strip_generators(_famkd(case, backend, False, {}))
+    if workload == "famkd_default_full":
+        return _famkd(case, backend, True, {})
+    if workload == "logits":
+        return MaskedLogitsLoss(num_classes=case.num_classes, backend=backend)
+    if workload == "logits_softmax":
+        return MaskedLogitsLoss(num_classes=case.num_classes, head="softmax", backend=backend)
+    if workload == "mgd":
+        return MGDLoss(s_ch, t_ch, seed=0, backend=backend)
+    if workload == "fgd":
+        return FGDLoss(s_ch, t_ch, backend=backend)
+    raise ValueError(workload)
+
+
+class LigerSoftmaxKL(nn.Module):
+    """Peer for the logits part: liger-kernel's fused KL on the same dense logits, per anchor
+    over its K classes with temperature T (``T^2 * sum KL / (N*P)``), unmasked and unweighted.
+    What a user would pick today for a fused KD-KL; the log-softmaxes are torch ops, as liger's
+    KL takes log-probabilities."""
+
+    def __init__(self, num_classes: int, temperature: float = 1.0):
+        super().__init__()
+        from liger_kernel.transformers import LigerKLDIVLoss
+
+        self.kl = LigerKLDIVLoss(reduction="sum", log_target=True)
+        self.k, self.t = num_classes, temperature
+
+    def forward(self, s_logits, t_logits):
+        loss = 0.0
+        for s, t in zip(s_logits, t_logits):
+            n, _, h, w = s.shape
+            rows_s = s.permute(0, 2, 3, 1).reshape(-1, self.k)  # (N*H*W*A, K)
+            rows_t = t.permute(0, 2, 3, 1).reshape(-1, self.k)
+            log_q = torch.log_softmax(rows_s.float() / self.t, dim=1)
+            log_p = torch.log_softmax(rows_t.float() / self.t, dim=1)
+            loss = loss + self.kl(log_q, log_p) * self.t**2 / (n * h * w)
+        return loss
+
+
+def _has_liger() -> bool:
+    try:
+        import liger_kernel.transformers  # noqa: F401
+    except Exception:
+        return False
+    return True
 
 
 def _call(workload, mod, s, t, zs, zt, case):
-    if workload == "logits":
+    if workload.startswith("logits"):
         return mod(zs, zt)
-    if workload == "famkd_full":
+    if workload.endswith("_full"):
         return mod(s, t, zs, zt)
     if workload == "fgd":
         h, w = case.levels[0]
@@ -111,14 +140,32 @@ def _call(workload, mod, s, t, zs, zt, case):
     return mod(s, t)
 
 
+def uses_logits(workload: str) -> bool:
+    return workload.startswith("logits") or workload.endswith("_full")
+
+
+PROVIDERS = ("eager", "compile", "triton")
 WORKLOADS = {
-    "famkd_feature_nogen": ("eager", "compile", "triton"),
-    "famkd_full": ("eager", "compile", "triton"),
-    "logits": ("eager", "compile", "triton"),
-    "mgd": ("eager", "compile", "triton"),
-    "fgd": ("eager", "compile", "triton"),
+    "famkd_feature_nogen": PROVIDERS,
+    "famkd_full": PROVIDERS,
+    "famkd_default_nogen": PROVIDERS,
+    "famkd_default_full": PROVIDERS,
+    "logits": PROVIDERS,
+    "logits_softmax": (*PROVIDERS, "liger"),
+    "mgd": PROVIDERS,
+    "fgd": PROVIDERS,
 }
 PARAMS = [(w, p) for w, provs in WORKLOADS.items() for p in provs]
+
+
+def _module(workload: str, case, provider: str, device: torch.device) -> nn.Module:
+    if provider == "liger":
+        if device.type != "cuda" or not _has_liger():
+            pytest.skip("liger-kernel's KL is a CUDA peer and needs liger-kernel installed")
+        return LigerSoftmaxKL(case.num_classes)
+    if provider == "triton" and not (HAS_TRITON and device.type == "cuda"):
+        pytest.skip("the Triton kernels are benchmarked on CUDA only (the CPU interpreter is a test tool)")
+    return _build(workload, case, "triton" if provider == "triton" else "torch")
 
 
 @pytest.mark.parametrize("pass_", ["fwd", "fwd_bwd"])
@@ -128,10 +175,10 @@ def test_loss_speed(benchmark, record, device, case_name, dtype_name, workload, 
     if device.type == "cpu":
         case = case.scaled(spatial=4, channels=4)
     dtype = DTYPES[dtype_name]
-    mod = _build(workload, case, provider, device).to(device)
+    mod = _module(workload, case, provider, device).to(device)
     fn = torch.compile(mod) if provider == "compile" else mod
     grad = pass_ == "fwd_bwd"
-    logits = workload in ("logits", "famkd_full")
+    logits = uses_logits(workload)
     s, t, zs, zt = _inputs(case, device, dtype, grad, logits)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
     leaves = [*s, *(zs or []), *mod.parameters()]

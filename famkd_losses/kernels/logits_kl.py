@@ -17,15 +17,18 @@ Layouts as the reference: dense ``(N, A*K, H, W)`` (channel ``a*K + k``, P = H*W
 float32, float16 or bfloat16 logits, loaded and computed in float32. The gradient has the
 student's dtype and, for a dense-and-non-overlapping student, its strides.
 
-Grid: one program per (block of positions, image), owning its outputs (no atomics). The sigmoid
-head loops over the A*K channels in ``BLOCK_C`` chunks of a ``[BLOCK_P, BLOCK_C]`` tile; the
-softmax head loops over the anchors with a ``[BLOCK_P, BLOCK_K]`` tile, ``BLOCK_K =
-next_power_of_2(K)`` (K up to `MAX_SOFTMAX_CLASSES`). Tiles are oriented along whichever of
+Grid: (blocks of positions, splits, images); each program owns its outputs (no atomics). The
+sigmoid head loops over its split's share of the A*K channels in ``BLOCK_C`` chunks of a
+``[BLOCK_P, BLOCK_C]`` tile; the softmax head loops over its split's anchors with a
+``[BLOCK_P, BLOCK_K]`` tile, ``BLOCK_K = next_power_of_2(K)`` (K up to `MAX_SOFTMAX_CLASSES`).
+The splits fill the GPU on small levels and batches; the forward adds their partial sums in
+a fixed order. Tiles are oriented along whichever of
 positions (NCHW) or channels (channels_last, flattened) is contiguous in the student.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -48,6 +51,11 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_SOFTMAX_CLASSES = 16384  # one anchor's K classes live in one tile
 _TILE = 2048  # elements of one [BLOCK_P, BLOCK_C | BLOCK_K] tile (more only when one anchor needs it)
 _MAX_BLOCK_P = 128
+# The channel (sigmoid) or anchor (softmax) loop is split over grid axis 1 until the launch has
+# about _WAVES programs per SM: at batch 2, P4 of a COCO FPN gives only 66 position blocks for
+# 132 SMs otherwise. The forward's partial sums are added in a fixed order (no atomics).
+_WAVES = 4
+_INTERPRETER_SMS = 2  # a small stand-in, so that tests in the interpreter exercise the split
 
 if HAS_TRITON:
     import triton
@@ -120,9 +128,10 @@ if HAS_TRITON:
     def _sigmoid_fwd_kernel(
         s_ptr,  # [N, C, P] student logits (strides below), f32/f16/bf16
         t_ptr,  # [N, C, P] teacher logits
-        kl_ptr,  # [N, P] float32, contiguous (out)
-        d_ptr,  # [N, P] float32, contiguous (out)
+        kl_ptr,  # [N, S, P] float32, contiguous (out): partial sums over each split's channels
+        d_ptr,  # [N, S, P] float32, contiguous (out)
         C,  # channels A*K
+        SPAN,  # channels per split (a multiple of BLOCK_C); S = cdiv(C, SPAN) splits on grid axis 1
         P,  # positions
         width,  # W: p = h*W + w (used when SPLIT_HW)
         s_sn,  # student strides (elements): image
@@ -140,14 +149,16 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
+        pid_s = tl.program_id(1)
+        n = tl.program_id(2).to(tl.int64)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
         s_rows = s_ptr + n * s_sn + _pos_offsets(offs_p, width, s_sh, s_sw, SPLIT_HW)[:, None]
         t_rows = t_ptr + n * t_sn + _pos_offsets(offs_p, width, t_sh, t_sw, SPLIT_HW)[:, None]
         kl_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         d_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
+        c_begin = pid_s * SPAN
+        for c0 in range(c_begin, tl.minimum(C, c_begin + SPAN), BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = mask_p[:, None] & (offs_c < C)[None, :]
             s = tl.load(s_rows + offs_c[None, :] * s_sc, mask=mask, other=0.0).to(tl.float32)
@@ -157,16 +168,18 @@ if HAS_TRITON:
             p, q, ea, eb, ra = _sigmoids(a, b)
             kl_acc += tl.where(mask, _binary_kl(a, b, ea, eb, ra), 0.0)
             d_acc += tl.where(mask, tl.abs(p - q), 0.0)
-        tl.store(kl_ptr + n * P + offs_p, tl.sum(kl_acc, axis=1), mask=mask_p)
-        tl.store(d_ptr + n * P + offs_p, tl.sum(d_acc, axis=1) * inv_c, mask=mask_p)
+        out = (n * tl.num_programs(1) + pid_s) * P + offs_p
+        tl.store(kl_ptr + out, tl.sum(kl_acc, axis=1), mask=mask_p)
+        tl.store(d_ptr + out, tl.sum(d_acc, axis=1) * inv_c, mask=mask_p)
 
     @triton.jit
     def _softmax_fwd_kernel(
         s_ptr,  # [N, A*K, P] student logits (strides below), f32/f16/bf16
         t_ptr,  # [N, A*K, P] teacher logits
-        kl_ptr,  # [N, P] float32, contiguous (out)
-        d_ptr,  # [N, P] float32, contiguous (out)
+        kl_ptr,  # [N, S, P] float32, contiguous (out): partial sums over each split's anchors
+        d_ptr,  # [N, S, P] float32, contiguous (out)
         A,  # anchors
+        SPAN,  # anchors per split; S = cdiv(A, SPAN) splits on grid axis 1
         K,  # classes per anchor
         P,  # positions
         width,  # W: p = h*W + w (used when SPLIT_HW)
@@ -185,7 +198,8 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
+        pid_s = tl.program_id(1)
+        n = tl.program_id(2).to(tl.int64)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
         offs_k = tl.arange(0, BLOCK_K)
@@ -195,15 +209,17 @@ if HAS_TRITON:
         t_rows = t_ptr + n * t_sn + _pos_offsets(offs_p, width, t_sh, t_sw, SPLIT_HW)[:, None]
         kl_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
         d_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
-        for anchor in range(0, A):
+        a_begin = pid_s * SPAN
+        for anchor in range(a_begin, tl.minimum(A, a_begin + SPAN)):
             offs_c = anchor * K + offs_k
             s = tl.load(s_rows + offs_c[None, :] * s_sc, mask=mask, other=0.0).to(tl.float32)
             t = tl.load(t_rows + offs_c[None, :] * t_sc, mask=mask, other=0.0).to(tl.float32)
             p, q, log_ratio = _softmaxes(t * inv_t, s * inv_t, mask_k)
             kl_acc += tl.sum(tl.where(mask_k[None, :], p * log_ratio, 0.0), axis=1)
             d_acc += tl.sum(tl.abs(p - q), axis=1)
-        tl.store(kl_ptr + n * P + offs_p, kl_acc, mask=mask_p)
-        tl.store(d_ptr + n * P + offs_p, d_acc * inv_c, mask=mask_p)
+        out = (n * tl.num_programs(1) + pid_s) * P + offs_p
+        tl.store(kl_ptr + out, kl_acc, mask=mask_p)
+        tl.store(d_ptr + out, d_acc * inv_c, mask=mask_p)
 
     @triton.jit
     def _sigmoid_bwd_kernel(
@@ -212,6 +228,7 @@ if HAS_TRITON:
         g_ptr,  # [N, P] dL/dkl, any float dtype and strides
         gs_ptr,  # [N, C, P] dL/ds (out), student dtype, its own strides
         C,  # channels A*K
+        SPAN,  # channels per split (a multiple of BLOCK_C), splits on grid axis 1
         P,  # positions
         width,  # W: p = h*W + w (used when SPLIT_HW)
         s_sn,  # student strides (elements): image
@@ -234,7 +251,8 @@ if HAS_TRITON:
         BLOCK_C: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
+        c_begin = tl.program_id(1) * SPAN
+        n = tl.program_id(2).to(tl.int64)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
         g = tl.load(g_ptr + n * g_sn + offs_p * g_sp, mask=mask_p, other=0.0).to(tl.float32)
@@ -242,7 +260,7 @@ if HAS_TRITON:
         s_rows = s_ptr + n * s_sn + _pos_offsets(offs_p, width, s_sh, s_sw, SPLIT_HW)[:, None]
         t_rows = t_ptr + n * t_sn + _pos_offsets(offs_p, width, t_sh, t_sw, SPLIT_HW)[:, None]
         o_rows = gs_ptr + n * o_sn + _pos_offsets(offs_p, width, o_sh, o_sw, SPLIT_HW)[:, None]
-        for c0 in range(0, C, BLOCK_C):
+        for c0 in range(c_begin, tl.minimum(C, c_begin + SPAN), BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = mask_p[:, None] & (offs_c < C)[None, :]
             s = tl.load(s_rows + offs_c[None, :] * s_sc, mask=mask, other=0.0).to(tl.float32)
@@ -258,6 +276,7 @@ if HAS_TRITON:
         g_ptr,  # [N, P] dL/dkl, any float dtype and strides
         gs_ptr,  # [N, A*K, P] dL/ds (out), student dtype, its own strides
         A,  # anchors
+        SPAN,  # anchors per split, splits on grid axis 1
         K,  # classes per anchor
         P,  # positions
         width,  # W: p = h*W + w (used when SPLIT_HW)
@@ -281,7 +300,8 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
     ):
         pid_p = tl.program_id(0)
-        n = tl.program_id(1).to(tl.int64)
+        a_begin = tl.program_id(1) * SPAN
+        n = tl.program_id(2).to(tl.int64)
         offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
         mask_p = offs_p < P
         offs_k = tl.arange(0, BLOCK_K)
@@ -292,7 +312,7 @@ if HAS_TRITON:
         s_rows = s_ptr + n * s_sn + _pos_offsets(offs_p, width, s_sh, s_sw, SPLIT_HW)[:, None]
         t_rows = t_ptr + n * t_sn + _pos_offsets(offs_p, width, t_sh, t_sw, SPLIT_HW)[:, None]
         o_rows = gs_ptr + n * o_sn + _pos_offsets(offs_p, width, o_sh, o_sw, SPLIT_HW)[:, None]
-        for anchor in range(0, A):
+        for anchor in range(a_begin, tl.minimum(A, a_begin + SPAN)):
             offs_c = anchor * K + offs_k
             s = tl.load(s_rows + offs_c[None, :] * s_sc, mask=mask, other=0.0).to(tl.float32)
             t = tl.load(t_rows + offs_c[None, :] * t_sc, mask=mask, other=0.0).to(tl.float32)
@@ -352,6 +372,34 @@ def _blocks(head: str, c: int, k: int, p: int, positions_contiguous: bool) -> tu
     return block_p, block_k, num_warps
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _target_programs(x: Tensor) -> int:
+    if x.is_cuda:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        return _WAVES * _sm_count(index)
+    return _WAVES * _INTERPRETER_SMS
+
+
+def _split(units: int, base_programs: int, target_programs: int) -> tuple[int, int]:
+    """``(units per split, splits)`` dividing ``units`` loop iterations among programs so that
+    ``base_programs * splits`` reaches about ``target_programs`` (splits never left empty)."""
+    want = max(1, min(units, -(-target_programs // max(base_programs, 1))))
+    per = -(-units // want)
+    return per, -(-units // per)
+
+
+def _span(head: str, c: int, a: int, block_k: int, base_programs: int, x: Tensor) -> tuple[int, int]:
+    """``(SPAN, splits)``: channels (sigmoid, a multiple of ``block_k``) or anchors (softmax) per split."""
+    if head == "softmax":
+        return _split(a, base_programs, _target_programs(x))
+    per, splits = _split(triton.cdiv(c, block_k), base_programs, _target_programs(x))
+    return per * block_k, splits
+
+
 def _check(s: Tensor, t: Tensor, head: str, temperature: float, num_classes: int | None) -> None:
     if not isinstance(s, Tensor) or not isinstance(t, Tensor):
         raise TypeError(f"logits must be tensors, got {type(s).__name__} and {type(t).__name__}")
@@ -393,36 +441,39 @@ def supported(s_logits: Tensor, t_logits: Tensor, *, head: str = "sigmoid", num_
 
 def _forward(s: Tensor, t: Tensor, head: str, temperature: float, num_classes: int | None) -> tuple[Tensor, Tensor]:
     n, c, p, a, k, width = _geometry(s, num_classes)
-    kl = torch.empty((n, p), dtype=torch.float32, device=s.device)
-    d = torch.empty((n, p), dtype=torch.float32, device=s.device)
-    if n * p == 0:
-        return kl, d
-    if c == 0:  # sums over no classes; mean over none
-        return kl.zero_(), d.fill_(float("nan"))
+    if n * p == 0 or c == 0:
+        kl = torch.zeros((n, p), dtype=torch.float32, device=s.device)  # sums over no classes
+        return kl, torch.full_like(kl, float("nan"))  # means over none
     if head == "softmax" and k > MAX_SOFTMAX_CLASSES:
         raise ValueError(f"softmax head: K={k} classes exceed the kernel's {MAX_SOFTMAX_CLASSES}")
-    split = _needs_split(s) or _needs_split(t)
-    ss, ts = _strides(s, split), _strides(t, split)
-    block_p, block_k, num_warps = _blocks(head, c, k, p, positions_contiguous=ss[3] == 1 and not split)
-    grid = (triton.cdiv(p, block_p), n)
+    split_hw = _needs_split(s) or _needs_split(t)
+    ss, ts = _strides(s, split_hw), _strides(t, split_hw)
+    block_p, block_k, num_warps = _blocks(head, c, k, p, positions_contiguous=ss[3] == 1 and not split_hw)
+    p_blocks = triton.cdiv(p, block_p)
+    span, splits = _span(head, c, a, block_k, p_blocks * n, s)
+    kl = torch.empty((n, splits, p), dtype=torch.float32, device=s.device)
+    d = torch.empty((n, splits, p), dtype=torch.float32, device=s.device)
     with on_device(s):
         _launch_forward(
-            head, grid, s, t, kl, d, a, k, c, p, width, ss, ts, temperature, split, block_p, block_k, num_warps
-        )
-    return kl, d
+            head, (p_blocks, splits, n), s, t, kl, d, a, k, c, span, p, width, ss, ts, temperature, split_hw,
+            block_p, block_k, num_warps,
+        )  # fmt: skip
+    if splits == 1:
+        return kl.view(n, p), d.view(n, p)
+    return kl.sum(1), d.sum(1)  # a fixed order: deterministic
 
 
-def _launch_forward(head, grid, s, t, kl, d, a, k, c, p, width, ss, ts, temperature, split, block_p, block_k,
-                    num_warps) -> None:  # fmt: skip
+def _launch_forward(head, grid, s, t, kl, d, a, k, c, span, p, width, ss, ts, temperature, split_hw, block_p,
+                    block_k, num_warps) -> None:  # fmt: skip
     if head == "sigmoid":
         _sigmoid_fwd_kernel[grid](
-            s, t, kl, d, c, p, width, *ss, *ts, 1.0 / temperature, 1.0 / c,
-            SPLIT_HW=split, BLOCK_P=block_p, BLOCK_C=block_k, num_warps=num_warps,
+            s, t, kl, d, c, span, p, width, *ss, *ts, 1.0 / temperature, 1.0 / c,
+            SPLIT_HW=split_hw, BLOCK_P=block_p, BLOCK_C=block_k, num_warps=num_warps,
         )  # fmt: skip
     else:
         _softmax_fwd_kernel[grid](
-            s, t, kl, d, a, k, p, width, *ss, *ts, 1.0 / temperature, 1.0 / c,
-            SPLIT_HW=split, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
+            s, t, kl, d, a, span, k, p, width, *ss, *ts, 1.0 / temperature, 1.0 / c,
+            SPLIT_HW=split_hw, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
         )  # fmt: skip
 
 
@@ -431,48 +482,30 @@ def _backward(s: Tensor, t: Tensor, dkl: Tensor, head: str, temperature: float, 
     gs = torch.empty_like(s)  # keeps channels_last and other dense layouts
     if gs.numel() == 0:
         return gs
-    split = _needs_split(s) or _needs_split(t) or _needs_split(gs)
-    ss, ts, os_ = _strides(s, split), _strides(t, split), _strides(gs, split)
-    block_p, block_k, num_warps = _blocks(head, c, k, p, positions_contiguous=ss[3] == 1 and not split)
-    grid = (triton.cdiv(p, block_p), n)
-    gstr = dkl.stride()
+    split_hw = _needs_split(s) or _needs_split(t) or _needs_split(gs)
+    ss, ts, os_ = _strides(s, split_hw), _strides(t, split_hw), _strides(gs, split_hw)
+    block_p, block_k, num_warps = _blocks(head, c, k, p, positions_contiguous=ss[3] == 1 and not split_hw)
+    p_blocks = triton.cdiv(p, block_p)
+    span, splits = _span(head, c, a, block_k, p_blocks * n, s)
     with on_device(s):
         _launch_backward(
-            head,
-            grid,
-            s,
-            t,
-            dkl,
-            gs,
-            a,
-            k,
-            c,
-            p,
-            width,
-            ss,
-            ts,
-            os_,
-            gstr,
-            temperature,
-            split,
-            block_p,
-            block_k,
-            num_warps,
-        )
+            head, (p_blocks, splits, n), s, t, dkl, gs, a, k, c, span, p, width, ss, ts, os_, dkl.stride(),
+            temperature, split_hw, block_p, block_k, num_warps,
+        )  # fmt: skip
     return gs
 
 
-def _launch_backward(head, grid, s, t, dkl, gs, a, k, c, p, width, ss, ts, os_, gstr, temperature, split, block_p,
-                     block_k, num_warps) -> None:  # fmt: skip
+def _launch_backward(head, grid, s, t, dkl, gs, a, k, c, span, p, width, ss, ts, os_, gstr, temperature, split_hw,
+                     block_p, block_k, num_warps) -> None:  # fmt: skip
     if head == "sigmoid":
         _sigmoid_bwd_kernel[grid](
-            s, t, dkl, gs, c, p, width, *ss, *ts, *os_, *gstr, 1.0 / temperature,
-            SPLIT_HW=split, BLOCK_P=block_p, BLOCK_C=block_k, num_warps=num_warps,
+            s, t, dkl, gs, c, span, p, width, *ss, *ts, *os_, *gstr, 1.0 / temperature,
+            SPLIT_HW=split_hw, BLOCK_P=block_p, BLOCK_C=block_k, num_warps=num_warps,
         )  # fmt: skip
     else:
         _softmax_bwd_kernel[grid](
-            s, t, dkl, gs, a, k, p, width, *ss, *ts, *os_, *gstr, 1.0 / temperature,
-            SPLIT_HW=split, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
+            s, t, dkl, gs, a, span, k, p, width, *ss, *ts, *os_, *gstr, 1.0 / temperature,
+            SPLIT_HW=split_hw, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
         )  # fmt: skip
 
 

@@ -155,6 +155,52 @@ def test_dense_unusual_strides(shape, layout, head):
     _check(s, t, head, 2.5, num_classes=k)
 
 
+@pytest.mark.parametrize("head", HEADS)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_channel_split_matches_one_program_per_position_block(head, layout, monkeypatch):
+    """Small levels split the channel (sigmoid) or anchor (softmax) loop over grid axis 1. The
+    split forward adds partial sums (the same values up to the order of float32 additions) and
+    the backward, which reduces nothing, is bit-identical to the unsplit launch."""
+    import famkd_losses.kernels.logits_kl as lk
+
+    n, a, k, h, w = 1, 9, 80, 2, 3
+    s, t = _make((n, a * k, h, w), layout, seed=5)
+    block_p, block_k, _ = lk._blocks(head, a * k, k, h * w, positions_contiguous=layout == "contiguous")
+    span, splits = lk._span(head, a * k, a, block_k, -(-(h * w) // block_p) * n, s)
+    assert splits > 1 and span * splits >= (a * k if head == "sigmoid" else a)
+    _check(s, t, head, 2.0, num_classes=k)
+    w8 = torch.rand(n, h * w, generator=torch.Generator().manual_seed(2)).to(DEVICE)
+
+    def run():
+        s.grad = None
+        kl, d = position_kl_and_guidance(s, t, head=head, temperature=2.0, num_classes=k)
+        (w8 * kl).sum().backward()
+        return kl.detach(), d, s.grad.clone()
+
+    split_out = run()
+    monkeypatch.setattr(lk, "_target_programs", lambda x: 1)  # one split: the whole loop per program
+    assert lk._span(head, a * k, a, block_k, 1, s)[1] == 1
+    whole_out = run()
+    torch.testing.assert_close(split_out[0], whole_out[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(split_out[1], whole_out[1], rtol=1e-6, atol=1e-7)
+    assert torch.equal(split_out[2], whole_out[2])
+    assert torch.equal(run()[0], whole_out[0])  # deterministic
+
+
+def test_split_arithmetic():
+    """``_split`` fills about the target, never leaves a split empty and covers every unit."""
+    from famkd_losses.kernels.logits_kl import _split
+
+    for units in (1, 2, 7, 45, 720):
+        for base in (1, 3, 66, 264, 10_000):
+            for target in (1, 8, 528):
+                per, splits = _split(units, base, target)
+                assert per * splits >= units > per * (splits - 1)
+                assert 1 <= splits <= units
+                if base >= target:
+                    assert splits == 1
+
+
 def test_sigmoid_head_ignores_anchor_split():
     """The sigmoid KL sums anchors and classes alike: K = None and K = 5 agree."""
     s, t = _make((2, 15, 3, 4), "contiguous")

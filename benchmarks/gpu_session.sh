@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# The measurements for a lent GPU machine, in stages sized for the device tool (10 minutes a
+# command, 30 minutes a session). From the repository root, on the GPU machine:
+#
+#   bash benchmarks/gpu_session.sh SECONDS STAGE [STAGE ...]
+#
+# runs the stages in order within SECONDS in all (each is stopped with SIGINT when the time is
+# up, so pytest still writes what it measured; results.json is also rewritten after every row).
+# Stages:
+#   check    environment, then the CUDA kernel tests (tests/kernels: interpreter suites on CUDA,
+#            COCO-shape parity of every loss, the sm_90 compile check)
+#   targets  RetinaNet shapes, bf16: the FAMKD workloads (FULL_METHOD and defaults), every provider
+#   logits   RetinaNet shapes, bf16: logits (sigmoid, softmax + liger peer), MGD, FGD, every provider
+#   rest     every other case and float32, without torch.compile (eager, triton, liger)
+#   compile  every other case and float32, torch.compile only (long: compiles per shape)
+# Each stage leaves $OUT/<stage>.tar.gz (its results folder and log) and $OUT/<stage>.log.
+# Back here: benchmarks/collect_gpu_results.sh FILES_AT unpacks and merges them into
+# benchmarks/results/<device>/.
+#
+# Wheels for packages the machine lacks (liger-kernel) travel in .whl/ (carry it), see README.
+set -uo pipefail
+total=${1:?usage: gpu_session.sh SECONDS STAGE [STAGE ...]}
+shift
+out=${OUT:-/tmp/famkd_out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+start=$(date +%s)
+left() { echo $(( total - ($(date +%s) - start) )); }
+
+bench() {  # bench STAGE PYTEST-ARGS...
+    local stage=$1
+    shift
+    timeout -s INT -k 20 "$(( $(left) - 15 ))" python3 -m pytest benchmarks/ -q -p no:cacheprovider \
+        --bench-out "$out/$stage" "$@"
+}
+
+for stage in "$@"; do
+    if (( $(left) < 45 )); then
+        echo "[gpu_session] no time left for $stage" | tee -a "$out/$stage.log"
+        continue
+    fi
+    echo "[gpu_session] $stage: $(left) s left" | tee "$out/$stage.log"
+    mkdir -p "$out/$stage"
+    case $stage in
+        check)
+            {
+                nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
+                python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
+                git rev-parse --short HEAD 2>/dev/null || true
+                timeout -s INT -k 20 "$(( $(left) - 15 ))" python3 -m pytest tests/kernels -q -p no:cacheprovider -n 8 \
+                    --junitxml "$out/$stage/junit.xml" -r fEs
+            } 2>&1 | tee -a "$out/$stage.log"
+            ;;
+        targets)
+            bench targets --bench-cases retinanet_coco_b2 --bench-dtypes bfloat16 \
+                --bench-workloads famkd_feature_nogen,famkd_full,famkd_default_nogen,famkd_default_full 2>&1 \
+                | tee -a "$out/$stage.log"
+            ;;
+        logits)
+            bench logits --bench-cases retinanet_coco_b2 --bench-dtypes bfloat16 \
+                --bench-workloads logits,logits_softmax,mgd,fgd 2>&1 | tee -a "$out/$stage.log"
+            ;;
+        rest)
+            bench rest --bench-cases all --bench-dtypes bfloat16,float32 --bench-providers eager,triton,liger 2>&1 \
+                | tee -a "$out/$stage.log"
+            ;;
+        compile)
+            bench compile --bench-cases all --bench-dtypes bfloat16,float32 --bench-providers compile 2>&1 \
+                | tee -a "$out/$stage.log"
+            ;;
+        *)
+            echo "[gpu_session] unknown stage $stage" | tee -a "$out/$stage.log"
+            ;;
+    esac
+    tar -czf "$out/$stage.tar.gz" -C "$out" "$stage" "$stage.log"
+    rm -rf "${out:?}/$stage"
+    echo "[gpu_session] $stage done, $(left) s left"
+done
