@@ -9,6 +9,8 @@
 # Stages:
 #   check    environment, then the CUDA kernel tests (tests/kernels: interpreter suites on CUDA,
 #            COCO-shape parity of every loss, the sm_90 compile check)
+#   sanitize the interpreter-shape kernel tests (no fuzzing) under compute-sanitizer memcheck:
+#            out-of-bounds or misaligned accesses that the interpreter cannot see
 #   targets  RetinaNet shapes, bf16: the FAMKD workloads (FULL_METHOD and defaults), every provider
 #   logits   RetinaNet shapes, bf16: logits (sigmoid, softmax + liger peer), MGD, FGD, every provider
 #   rest     every other case and float32, without torch.compile (eager, triton, liger)
@@ -54,6 +56,16 @@ for stage in "$@"; do
                 git rev-parse --short HEAD 2>/dev/null || true
                 timeout -s INT -k 20 "$(( $(left) - 15 ))" python3 -m pytest tests/kernels -q -p no:cacheprovider -n 8 \
                     --junitxml "$out/$stage/junit.xml" -r fEs
+            } 2>&1 | tee -a "$out/$stage.log"
+            ;;
+        sanitize)
+            {
+                cs=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2>/dev/null | head -1)
+                PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout -s INT -k 20 "$(( $(left) - 15 ))" \
+                    "$cs" --tool memcheck --report-api-errors no --error-exitcode 99 \
+                    python3 -m pytest -q -p no:cacheprovider -x -k "not fuzz and not aot and not cuda_parity" \
+                    tests/kernels/test_logits_kl.py tests/kernels/test_reconstruction.py tests/kernels/test_teacher_stats.py
+                echo "[gpu_session] compute-sanitizer exit code $?"
             } 2>&1 | tee -a "$out/$stage.log"
             ;;
         targets)

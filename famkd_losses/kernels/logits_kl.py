@@ -372,7 +372,7 @@ def _blocks(head: str, c: int, k: int, p: int, positions_contiguous: bool) -> tu
     return block_p, block_k, num_warps
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
