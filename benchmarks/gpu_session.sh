@@ -11,10 +11,13 @@
 #            COCO-shape parity of every loss, the sm_90 compile check)
 #   sanitize the interpreter-shape kernel tests (no fuzzing) under compute-sanitizer memcheck:
 #            out-of-bounds or misaligned accesses that the interpreter cannot see
-#   targets  RetinaNet shapes, bf16: the FAMKD workloads (FULL_METHOD and defaults), every provider
+#   targets  RetinaNet shapes, bf16: the target workloads (FAMKD with FULL_METHOD, with and
+#            without generators), every provider
 #   logits   RetinaNet shapes, bf16: logits (sigmoid, softmax + liger peer), MGD, FGD, every provider
+#   defaults RetinaNet shapes, bf16: FAMKD with its own defaults, every provider
 #   rest     every other case and float32, without torch.compile (eager, triton, liger)
 #   compile  every other case and float32, torch.compile only (long: compiles per shape)
+# Suggested: (1) 580 check targets  (2) 580 logits defaults  (3) what is left: rest sanitize
 # Each stage leaves $OUT/<stage>.tar.gz (its results folder and log) and $OUT/<stage>.log.
 # Back here: benchmarks/collect_gpu_results.sh FILES_AT unpacks and merges them into
 # benchmarks/results/<device>/.
@@ -70,19 +73,22 @@ for stage in "$@"; do
             ;;
         targets)
             bench targets --bench-cases retinanet_coco_b2 --bench-dtypes bfloat16 \
-                --bench-workloads famkd_feature_nogen,famkd_full,famkd_default_nogen,famkd_default_full 2>&1 \
-                | tee -a "$out/$stage.log"
+                --bench-workloads famkd_feature_nogen,famkd_full 2>&1 | tee -a "$out/$stage.log"
             ;;
         logits)
             bench logits --bench-cases retinanet_coco_b2 --bench-dtypes bfloat16 \
                 --bench-workloads logits,logits_softmax,mgd,fgd 2>&1 | tee -a "$out/$stage.log"
+            ;;
+        defaults)
+            bench defaults --bench-cases retinanet_coco_b2 --bench-dtypes bfloat16 \
+                --bench-workloads famkd_default_nogen,famkd_default_full 2>&1 | tee -a "$out/$stage.log"
             ;;
         rest)
             bench rest --bench-cases all --bench-dtypes bfloat16,float32 --bench-providers eager,triton,liger 2>&1 \
                 | tee -a "$out/$stage.log"
             ;;
         compile)
-            bench compile --bench-cases all --bench-dtypes bfloat16,float32 --bench-providers compile 2>&1 \
+            bench compile --bench-cases all --bench-dtypes bfloat16,float32 --bench-providers compile,compile_triton 2>&1 \
                 | tee -a "$out/$stage.log"
             ;;
         *)
