@@ -56,6 +56,10 @@ _MAX_BLOCK_P = 128
 # 132 SMs otherwise. The forward's partial sums are added in a fixed order (no atomics).
 _WAVES = 4
 _INTERPRETER_SMS = 2  # a small stand-in, so that tests in the interpreter exercise the split
+# The split forward adds its partial sums with two more (tiny) launches: worth it only where
+# reading the level takes longer than a launch (4 MB of bf16 logits per tensor, P4 of a COCO
+# RetinaNet head at batch 2; not P5-P7). The backward splits at no extra launch.
+_MIN_SPLIT_ELEMENTS = 1 << 21
 
 if HAS_TRITON:
     import triton
@@ -394,10 +398,18 @@ def _split(units: int, base_programs: int, target_programs: int) -> tuple[int, i
 
 def _span(head: str, c: int, a: int, block_k: int, base_programs: int, x: Tensor) -> tuple[int, int]:
     """``(SPAN, splits)``: channels (sigmoid, a multiple of ``block_k``) or anchors (softmax) per split."""
+    target = _target_programs(x)
     if head == "softmax":
-        return _split(a, base_programs, _target_programs(x))
-    per, splits = _split(triton.cdiv(c, block_k), base_programs, _target_programs(x))
+        return _split(a, base_programs, target)
+    per, splits = _split(triton.cdiv(c, block_k), base_programs, target)
     return per * block_k, splits
+
+
+def _forward_span(head: str, c: int, a: int, block_k: int, base_programs: int, x: Tensor) -> tuple[int, int]:
+    """`_span` for the forward: no split (one launch, no partials to add) on small levels."""
+    if x.is_cuda and x.numel() < _MIN_SPLIT_ELEMENTS:
+        return (c if head == "sigmoid" else a), 1
+    return _span(head, c, a, block_k, base_programs, x)
 
 
 def _check(s: Tensor, t: Tensor, head: str, temperature: float, num_classes: int | None) -> None:
@@ -450,7 +462,7 @@ def _forward(s: Tensor, t: Tensor, head: str, temperature: float, num_classes: i
     ss, ts = _strides(s, split_hw), _strides(t, split_hw)
     block_p, block_k, num_warps = _blocks(head, c, k, p, positions_contiguous=ss[3] == 1 and not split_hw)
     p_blocks = triton.cdiv(p, block_p)
-    span, splits = _span(head, c, a, block_k, p_blocks * n, s)
+    span, splits = _forward_span(head, c, a, block_k, p_blocks * n, s)
     kl = torch.empty((n, splits, p), dtype=torch.float32, device=s.device)
     d = torch.empty((n, splits, p), dtype=torch.float32, device=s.device)
     with on_device(s):

@@ -70,8 +70,8 @@ if HAS_TRITON:
         g_ptr,  # [] incoming gradient of the loss (backward only)
         dr0_ptr,  # [N, C, H, W] gradient of R_0, R_0's dtype (backward, WRITE_DR0)
         dr1_ptr,  # [N, C, H, W] gradient of R_1, R_1's dtype (backward, WRITE_DR1)
-        part_ptr,  # float32 [P] forward partial sums, or [P, 2] backward partials of dL/dw_b
-        N,
+        part_ptr,  # float32 [P] forward partial sums (times scale_n), or [P, 2] backward partials of dL/dw_b
+        scale_n,  # scale / N: the loss is scale * sum(...) / N
         C,
         HW,
         W,
@@ -160,9 +160,9 @@ if HAS_TRITON:
                 err = err * a_sp[None, :]
             elif HAS_ACH:
                 err = err * a_ch[:, None]
-            tl.store(part_ptr + pid, tl.sum(tl.sum(err, axis=1), axis=0))
+            tl.store(part_ptr + pid, tl.sum(tl.sum(err, axis=1), axis=0) * scale_n)
         else:
-            gn = tl.load(g_ptr).to(tl.float32) / N  # dL/d(sum)
+            gn = tl.load(g_ptr).to(tl.float32) * scale_n  # dL/d(sum)
             if HAS_ASP and HAS_ACH:
                 gd = (gn * (a_sp[None, :] * a_ch[:, None])) * (2.0 * d)
             elif HAS_ASP:
@@ -219,9 +219,10 @@ def _spatial_strides(t: Tensor | None, h: int, w: int, merged: bool) -> tuple[in
 class _Launcher:
     """Shape/stride bookkeeping shared by the forward and backward launches."""
 
-    def __init__(self, r0, r1, target, a_sp, a_ch, w, outs=(None, None)):
+    def __init__(self, r0, r1, target, a_sp, a_ch, w, scale_n, outs=(None, None)):
         n, c, h, wd = target.shape
         self.shape = (n, c, h, wd)
+        self.scale_n = scale_n
         maps = [t for t in (r0, r1, target, a_sp, *outs) if t is not None]
         self.merged = all(_hw_stride(t, h, wd) is not None for t in maps)
         channels_fast = c > 1 and r0.stride(1) == 1
@@ -237,7 +238,7 @@ class _Launcher:
 
     def _launch(self, part, g, dr0, dr1, backward, need_dw, sp, dummy):
         r0, r1, target, a_sp, a_ch, w = self.args
-        n, c, h, wd = self.shape
+        _, c, h, wd = self.shape
         m = self.merged
         _recon_kernel[(self.programs,)](
             r0,
@@ -250,7 +251,7 @@ class _Launcher:
             dummy if dr0 is None else dr0,
             dummy if dr1 is None else dr1,
             part,
-            n,
+            self.scale_n,
             c,
             h * wd,
             wd,
@@ -282,14 +283,16 @@ class _FusedReconstructionError(torch.autograd.Function):
     """(target, a_sp, a_ch, theta, R_0, R_1) -> float32 scalar; gradients to theta, R_0, R_1 only."""
 
     @staticmethod
-    def forward(ctx, target, a_sp, a_ch, theta, r0, r1):
+    def forward(ctx, target, a_sp, a_ch, theta, r0, r1, scale):
         w = None if theta is None else torch.softmax(theta.detach().float(), dim=0).contiguous()
-        launch = _Launcher(r0, r1, target, a_sp, a_ch, w)
+        scale_n = scale / target.shape[0]
+        launch = _Launcher(r0, r1, target, a_sp, a_ch, w, scale_n)
         part = torch.empty(launch.programs, device=target.device, dtype=torch.float32)
-        launch(part)
+        launch(part)  # partials already times scale / N: one sum finishes the loss
         ctx.save_for_backward(target, a_sp, a_ch, w, r0, r1)
         ctx.theta_dtype = None if theta is None else theta.dtype
-        return part.sum() / target.shape[0]
+        ctx.scale_n = scale_n
+        return part.sum()
 
     @staticmethod
     @once_differentiable
@@ -297,23 +300,28 @@ class _FusedReconstructionError(torch.autograd.Function):
         target, a_sp, a_ch, w, r0, r1 = ctx.saved_tensors
         need_theta, need_r0, need_r1 = ctx.needs_input_grad[3:6]
         if not (need_theta or need_r0 or need_r1):
-            return None, None, None, None, None, None
+            return None, None, None, None, None, None, None
         dr0 = torch.empty_like(r0) if need_r0 else None
         dr1 = torch.empty_like(r1) if need_r1 else None
-        launch = _Launcher(r0, r1, target, a_sp, a_ch, w, outs=(dr0, dr1))
-        part = torch.zeros(launch.programs, 2, device=target.device, dtype=torch.float32)
+        launch = _Launcher(r0, r1, target, a_sp, a_ch, w, ctx.scale_n, outs=(dr0, dr1))
+        # every program writes its row when need_theta (column 1 unread with one branch)
+        part = torch.empty(launch.programs, 2, device=target.device, dtype=torch.float32)
         g = grad.detach().to(torch.float32).reshape(())
         launch(part, g=g, dr0=dr0, dr1=dr1, backward=True, need_dw=need_theta)
         dtheta = None
         if need_theta:
             dldw = part.sum(dim=0)[: w.shape[0]]  # dL/dw_b, (B,)
             dtheta = (w * (dldw - (w * dldw).sum())).to(ctx.theta_dtype)
-        return None, None, None, dtheta, dr0, dr1
+        return None, None, None, dtheta, dr0, dr1, None
 
 
 def _reference(recons, fusion_logits, target, a_sp, a_ch) -> Tensor:
     weight = a_sp if a_ch is None else (a_ch if a_sp is None else a_sp * a_ch)
     return reconstruction_error(fuse_reconstructions(recons, fusion_logits), target, weight)
+
+
+def _scaled(scale: float, loss: Tensor) -> Tensor:
+    return loss if scale == 1.0 else scale * loss
 
 
 def _kernel_ok(recons, fusion_logits, target, a_sp, a_ch) -> bool:
@@ -342,11 +350,14 @@ def fused_reconstruction_error(
     target: Tensor,
     a_sp: Tensor | None = None,
     a_ch: Tensor | None = None,
+    *,
+    scale: float = 1.0,
 ) -> Tensor:
-    """``sum(a_sp * a_ch * (sum_b softmax(theta)_b R_b - T)^2) / N``: float32 scalar.
+    """``scale * sum(a_sp * a_ch * (sum_b softmax(theta)_b R_b - T)^2) / N``: float32 scalar.
 
-    Equal to ``reconstruction_error(fuse_reconstructions(recons, fusion_logits), target,
-    a_sp * a_ch)``, with an absent attention map read as 1.
+    Equal to ``scale * reconstruction_error(fuse_reconstructions(recons, fusion_logits),
+    target, a_sp * a_ch)``, with an absent attention map read as 1. ``scale`` (the loss
+    weight) is applied to the kernel's partial sums, so no launch is spent on it.
 
     Args:
         recons: 1 or 2 reconstructions R_b (N, C, H, W), float32/float16/bfloat16, any strides.
@@ -360,13 +371,14 @@ def fused_reconstruction_error(
     PyTorch reference, whose float64 result stays float64.
     """
     recons = list(recons)
+    scale = float(scale)
     if not _kernel_ok(recons, fusion_logits, target, a_sp, a_ch):
-        return _reference(recons, fusion_logits, target, a_sp, a_ch)
+        return _scaled(scale, _reference(recons, fusion_logits, target, a_sp, a_ch))
     n, c, h, w = target.shape
     try:
         a_sp_k = None if a_sp is None else a_sp.detach().expand(n, 1, h, w)
         a_ch_k = None if a_ch is None else a_ch.detach().expand(n, c, 1, 1)
     except RuntimeError:  # not broadcastable: let the reference raise its error
-        return _reference(recons, fusion_logits, target, a_sp, a_ch)
+        return _scaled(scale, _reference(recons, fusion_logits, target, a_sp, a_ch))
     r1 = recons[1] if len(recons) == 2 else None
-    return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, fusion_logits, recons[0], r1)
+    return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, fusion_logits, recons[0], r1, scale)

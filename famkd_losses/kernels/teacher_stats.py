@@ -63,8 +63,8 @@ if HAS_TRITON:
         n_tiles,
         out_ptr,  # (N, C, hs, ws) pooled map, x's dtype; NCHW or channels_last (OUT_CL)
         idx_ptr,  # (N, C, hs, ws) contiguous, argmax offset di * S + dj in its window
-        sp_ptr,  # (N, n_cb, hs, ws) float32 partial sums of |t_s| over one channel block
-        ch_ptr,  # (N, n_tiles, C) float32 partial sums of |t_s| over one region
+        sp_ptr,  # (N, n_cb, hs, ws) float32: this channel block's sum of |t_s|, divided by C
+        ch_ptr,  # (N, n_tiles, C) float32: this region's sum of |t_s|, divided by hs * ws
         S: tl.constexpr,  # scale (window and stride)
         BH: tl.constexpr,
         BW: tl.constexpr,  # pow2 >= RH // S, RW // S
@@ -109,10 +109,11 @@ if HAS_TRITON:
             tl.store(idx_ptr + o_nchw, arg.to(idx_ptr.dtype.element_ty), mask=ok)
         if STATS:
             a = tl.where(ok, tl.abs(m), 0.0)
-            sp = tl.sum(a, axis=0)  # (BH, BW)
+            # partial means (IEEE division): one block or region needs no finishing launch
+            sp = tl.math.div_rn(tl.sum(a, axis=0), C * 1.0)  # (BH, BW)
             sp_off = ((n * n_cb + cb) * hs + oh[:, None]) * ws + ow[None, :]
             tl.store(sp_ptr + sp_off, sp, mask=pos_ok)
-            ch = tl.sum(tl.sum(a, axis=2), axis=1)  # (BC,)
+            ch = tl.math.div_rn(tl.sum(tl.sum(a, axis=2), axis=1), hs * ws * 1.0)  # (BC,)
             tl.store(ch_ptr + (n * n_tiles + tile_id) * C + cs, ch, mask=cmask)
 
     @triton.jit
@@ -384,11 +385,12 @@ def _pool_launch(
     return results
 
 
-def _finish_mean(part: Tensor, dim: int, count: int) -> Tensor:
-    """``sum(part, dim) / count`` (keepdim) in a fixed order; in place when ``dim`` has one entry."""
+def _finish_mean(part: Tensor, dim: int) -> Tensor:
+    """The mean from partial means (each already divided by the whole count): their sum along
+    ``dim`` (keepdim) in a fixed order; ``part`` itself when ``dim`` has one entry (no launch)."""
     if part.shape[dim] == 1:
-        return part.div_(count)
-    return part.sum(dim=dim, keepdim=True).div_(count)
+        return part
+    return part.sum(dim=dim, keepdim=True)
 
 
 def teacher_saliency_pyramid(
@@ -426,9 +428,8 @@ def teacher_saliency_pyramid(
             for s, (pooled, _, sp, ch) in zip(
                 group, _pool_launch(t, group, stats=True, argmax=False, tile=tile, block_c=block_c)
             ):
-                hs, ws = -(-h // s), -(-w // s)
-                sp_sal = _finish_mean(sp, 1, c)  # (N, 1, hs, ws)
-                ch_sal = _finish_mean(ch, 1, hs * ws).reshape(t.shape[0], c, 1, 1)
+                sp_sal = _finish_mean(sp, 1)  # (N, 1, ceil(H/s), ceil(W/s))
+                ch_sal = _finish_mean(ch, 1).reshape(t.shape[0], c, 1, 1)
                 found[s] = (t if s == 1 else pooled, sp_sal, ch_sal)
     return [(s, *found[s]) for s in act]
 

@@ -187,7 +187,7 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         used = active_scales(h, w, self.scales)
         random = self.mask_mode in ("sample", "random")
         generator = self._random.get(x.device) if random else None
-        total = x.new_zeros((), dtype=acc_dtype(x.dtype))
+        total: Tensor | None = None  # the first term itself: no zero to add (one launch less)
         terms: dict[int, Tensor] = {}
         fused = use_triton(self.backend, x, t_feat)
         if fused:
@@ -202,26 +202,31 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         for s, (t_s, sp_sal, ch_sal), x_s in zip(used, teacher, student):
             i = self.scales.index(s)
             masks = self._masks(sp_sal, ch_sal, generator)
-            recons = []
-            for b in self.branches:
-                gen = self._generator(b, i)
-                x_in = to_module_dtype(x_s, gen)
-                recons.append(gen(x_in * masks[b].to(x_in.dtype)))
+            gens = [self._generator(b, i) for b in self.branches]
+            x_ins = [to_module_dtype(x_s, gen) for gen in gens]
+            if fused and all(x_in is x_s for x_in in x_ins):
+                # every branch's masked input from one read of x_s, and one backward pass
+                from ..kernels.masking import masked_branches
+
+                masked = masked_branches(x_s, [masks[b] for b in self.branches])
+            else:
+                masked = [x_in * masks[b].to(x_in.dtype) for x_in, b in zip(x_ins, self.branches)]
+            recons = [gen(m) for gen, m in zip(gens, masked)]
             theta = None if self.fusion_logits is None else self.fusion_logits[i]
             a_sp = a_ch = None
             if self.weighting == "attention":
                 a_sp, a_ch = attention_from_saliency(sp_sal, self.tau), attention_from_saliency(ch_sal, self.tau)
+            weight_i = self.alpha * self.scale_weights[i]
             if fused:
-                # branch fusion, error, attention weighting and reduction in one pass each way
+                # branch fusion, error, attention weighting, reduction and the weight in one pass each way
                 from ..kernels.reconstruction import fused_reconstruction_error
 
-                error = fused_reconstruction_error(recons, theta, t_s, a_sp, a_ch)
+                term = fused_reconstruction_error(recons, theta, t_s, a_sp, a_ch, scale=weight_i)
             else:
                 weight = None if a_sp is None else a_sp * a_ch
-                error = reconstruction_error(fuse_reconstructions(recons, theta), t_s, weight)
-            term = (self.alpha * self.scale_weights[i]) * error
+                term = weight_i * reconstruction_error(fuse_reconstructions(recons, theta), t_s, weight)
             terms[s] = term
-            total = total + term
+            total = term if total is None else total + term
         if not terms:
             warnings.warn(
                 f"no scale of {self.scales} fits a {h}x{w} map: this level contributes nothing "
@@ -234,7 +239,9 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             # (every scale larger than the map): keep NaN/Inf in it visible in the loss, and
             # stay attached to the student's graph.
             acc = acc_dtype(x.dtype)
-            total = total + 0.0 * (t_feat.sum(dtype=acc) + x.sum(dtype=acc))
+            keep = 0.0 * (t_feat.sum(dtype=acc) + x.sum(dtype=acc))
+            total = keep if total is None else total + keep
+        assert total is not None
         return total, terms
 
     def forward(self, s_feat: Tensor, t_feat: Tensor) -> Tensor:

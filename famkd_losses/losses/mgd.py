@@ -125,7 +125,7 @@ class MGDLoss(DistillationLoss):
         if use_triton(self.backend, recon, t):
             from ..kernels.reconstruction import fused_reconstruction_error
 
-            return self.alpha * fused_reconstruction_error([recon], None, t)
+            return fused_reconstruction_error([recon], None, t, scale=self.alpha)
         return self.alpha * reconstruction_error(recon, t)
 
     def forward(self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor]) -> Tensor:

@@ -2,7 +2,8 @@
 
 The interpreter runs the kernels' Python, which is far more lenient than the compiler (types
 in loops, constexpr use, layouts). This test compiles the launch configurations the losses use
-for COCO-sized FPN levels, through ``benchmarks/aot_sm90.py``: no GPU is needed. It runs in a
+for COCO-sized FPN levels and for degenerate maps (1x1, one row or column, where triton turns
+arguments equal to 1 into constants), through ``benchmarks/aot_sm90.py``: no GPU is needed. It runs in a
 subprocess without ``TRITON_INTERPRET`` (the interpreter replaces the JIT functions).
 """
 
@@ -24,6 +25,8 @@ KERNELS = {
     "_pyramid_fwd_kernel",
     "_pyramid_bwd_kernel",
     "_recon_kernel",
+    "_masked_fwd_kernel",
+    "_masked_bwd_kernel",
     "_sigmoid_fwd_kernel",
     "_sigmoid_bwd_kernel",
     "_softmax_fwd_kernel",
@@ -44,7 +47,7 @@ def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
         sys.executable,
         str(ROOT / "benchmarks" / "aot_sm90.py"),
         "--cases",
-        "retinanet_coco_b2_cs128",
+        "retinanet_coco_b2_cs128,degenerate_b1",
         "--dtypes",
         "bfloat16",
         "--workloads",

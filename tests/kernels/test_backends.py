@@ -55,9 +55,9 @@ def test_masked_logits_triton_matches_torch(kw, layout, kernel_calls):
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts the fused kernels' launches through the modules, and checks they ran (not a fallback)."""
-    from famkd_losses.kernels import logits_kl, reconstruction, teacher_stats
+    from famkd_losses.kernels import logits_kl, masking, reconstruction, teacher_stats
 
-    calls = {"reconstruction": 0, "logits": 0, "teacher": 0, "student": 0}
+    calls = {"reconstruction": 0, "logits": 0, "teacher": 0, "student": 0, "masking": 0}
     orig_t, orig_s = teacher_stats.teacher_saliency_pyramid, teacher_stats.max_pool_pyramid_student
 
     def teacher(*args, **kwargs):
@@ -84,6 +84,15 @@ def kernel_calls(monkeypatch):
         calls["logits"] += 1
         return out
 
+    orig_mask = masking.masked_branches
+
+    def mask(*args, **kwargs):
+        outs = orig_mask(*args, **kwargs)
+        assert all(type(o.grad_fn).__name__ == "_MaskedBranchesBackward" for o in outs)
+        calls["masking"] += 1
+        return outs
+
+    monkeypatch.setattr(masking, "masked_branches", mask)
     monkeypatch.setattr(reconstruction, "fused_reconstruction_error", rec)
     monkeypatch.setattr(logits_kl, "position_kl_and_guidance", kl)
     return calls
@@ -109,7 +118,7 @@ def test_famkd_triton_matches_torch(kernel_calls):
     ref = ref_mod(s, t, zs, zt)
     got = tri_mod(s, t, zs, zt)
     # 3 levels: scales 1, 2, 4 on 6x5, 1 and 2 on 3x3, 1 on 1x2; one logits call per level
-    assert kernel_calls == {"reconstruction": 6, "logits": 3, "teacher": 3, "student": 3}
+    assert kernel_calls == {"reconstruction": 6, "logits": 3, "teacher": 3, "student": 3, "masking": 6}
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-7)
     for key, v in ref_mod.last_terms().items():
         torch.testing.assert_close(tri_mod.last_terms()[key], v, rtol=1e-5, atol=1e-8, msg=key)
@@ -143,6 +152,7 @@ def test_feature_loss_triton_options(kw, dtype, kernel_calls):
     tri_mod.load_state_dict(ref_mod.state_dict())
     ref, got = ref_mod(s, t), tri_mod(s, t)
     assert kernel_calls["teacher"] == 1 and kernel_calls["reconstruction"] == len(tri_mod.last_terms()) - 1
+    assert kernel_calls["masking"] == kernel_calls["reconstruction"]
     tol = {"rtol": 1e-5, "atol": 1e-7} if dtype == torch.float32 else {"rtol": 2e-2, "atol": 1e-5}
     torch.testing.assert_close(got, ref, **tol)
     params_ref, params_tri = list(ref_mod.parameters()), list(tri_mod.parameters())

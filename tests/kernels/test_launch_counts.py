@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     ("workload", "per_level"),
     [
         ("logits", 2),  # KL forward, KL backward
-        ("famkd_default_nogen", 3),  # teacher statistics, reconstruction forward and backward
+        # teacher statistics, masked input and reconstruction, forward and backward
+        ("famkd_default_nogen", 5),
         ("famkd_feature_nogen", None),  # FULL_METHOD: scales that fit each level vary
     ],
 )

@@ -212,11 +212,31 @@ def test_deterministic():
     case = _case((2, 65, 17, 19), layout="sliced", seed=7)
     recons, theta, target, a_sp, a_ch = case
     w = torch.softmax(theta.detach(), 0)
-    assert _Launcher(recons[0], recons[1], target, a_sp, a_ch, w).programs > 1
+    assert _Launcher(recons[0], recons[1], target, a_sp, a_ch, w, 0.5).programs > 1
     loss1, grads1 = _run(fused_reconstruction_error, *case, 0.9)
     loss2, grads2 = _run(fused_reconstruction_error, *case, 0.9)
     assert torch.equal(loss1, loss2)
     assert all(torch.equal(a, b) for a, b in zip(grads1, grads2))
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)  # kernel, fallback
+def test_scale_is_folded_in(dtype):
+    """``scale=k`` gives k times the loss and its gradients (the kernel applies it to its
+    partial sums and to the incoming gradient; the fallback multiplies)."""
+    case = _case((2, 7, 5, 6), dtype=dtype, seed=11)
+
+    def scaled(recons, theta, target, a_sp, a_ch, scale=0.3):
+        loss = fused_reconstruction_error(recons, theta, target, a_sp, a_ch, scale=scale)
+        kernel = type(loss.grad_fn).__name__ == "_FusedReconstructionErrorBackward"
+        assert kernel == (dtype == torch.float32)
+        return loss
+
+    loss, grads = _run(scaled, *case, -1.7)
+    ref, ref_grads = _run(lambda *a: scaled(*a, scale=1.0), *case, -1.7 * 0.3)
+    torch.testing.assert_close(loss, 0.3 * ref, rtol=1e-6, atol=0)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
 
 
 @needs_kernel

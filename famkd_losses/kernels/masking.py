@@ -1,0 +1,234 @@
+"""The masked inputs of the reconstruction branches (Triton): one read of the student map gives
+every branch's masked copy, and one backward pass gives its gradient.
+
+Reference (as `ScaleAwareMaskedFeatureLoss` builds each branch's generator input)::
+
+    y_b = x * m_b                         # b = 0 (, 1): one or two branches
+    dx  = sum_b dy_b * m_b
+
+``x`` is (N, C, H, W), dense (contiguous or channels_last), float32/float16/bfloat16. Each mask
+``m_b`` is 0/1 (any float dtype): a spatial mask (N, 1, H, W) or a channel mask (N, C, 1, 1), as
+`famkd_losses.functional.mask_from_saliency` returns them. The products are computed in float32
+and rounded once to x's dtype: with 0/1 masks every value, NaN and Inf included, is exactly what
+``x * m_b.to(x.dtype)`` and autograd's sum of the branch gradients give.
+
+Grid: 2-D tiles over the rows and columns of x's memory order: (N*C, H*W) for contiguous x,
+(N*H*W, C) for channels_last; each program stores its own outputs (no atomics). The outputs
+are ``empty_like(x)`` (same layout); gradients in another layout are brought to x's first.
+
+Falls back to the reference (plain PyTorch) where the kernels cannot run, for x that is not
+dense, masks of another shape, and for float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from . import HAS_TRITON, can_run, on_device
+
+__all__ = ["masked_branches", "supported"]
+
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_TILE = 2048  # elements per program
+_NUM_WARPS = 8
+
+if HAS_TRITON:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mask_offsets(rows, cols, C, HW, CHANNELS_LAST: tl.constexpr, SPATIAL: tl.constexpr):
+        """Offsets into a contiguous (N, HW) spatial or (N, C) channel mask of the tile
+        ``rows`` [BR] x ``cols`` [BC] (int64) of x's memory order."""
+        if CHANNELS_LAST:  # rows: n*HW + hw, cols: c
+            if SPATIAL:
+                off = rows[:, None] + cols[None, :] * 0
+            else:
+                off = (rows // HW)[:, None] * C + cols[None, :]
+        else:  # rows: n*C + c, cols: hw
+            if SPATIAL:
+                off = (rows // C)[:, None] * HW + cols[None, :]
+            else:
+                off = rows[:, None] + cols[None, :] * 0
+        return off
+
+    @triton.jit
+    def _masked_fwd_kernel(
+        x_ptr,  # [ROWS, COLS] x in its memory order (dense)
+        m0_ptr,  # branch 0 mask: contiguous (N, HW) if SPATIAL0 else (N, C)
+        m1_ptr,  # branch 1 mask (TWO only)
+        y0_ptr,  # [ROWS, COLS] out, x's dtype and layout
+        y1_ptr,  # [ROWS, COLS] out (TWO only)
+        ROWS,
+        COLS,
+        C,
+        HW,
+        CHANNELS_LAST: tl.constexpr,
+        SPATIAL0: tl.constexpr,
+        SPATIAL1: tl.constexpr,
+        TWO: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+        off = rows[:, None] * COLS + cols[None, :]
+        x = tl.load(x_ptr + off, mask=valid, other=0.0).to(tl.float32)
+        m0 = tl.load(m0_ptr + _mask_offsets(rows, cols, C, HW, CHANNELS_LAST, SPATIAL0), mask=valid, other=0.0)
+        tl.store(y0_ptr + off, (x * m0.to(tl.float32)).to(y0_ptr.dtype.element_ty), mask=valid)
+        if TWO:
+            m1 = tl.load(m1_ptr + _mask_offsets(rows, cols, C, HW, CHANNELS_LAST, SPATIAL1), mask=valid, other=0.0)
+            tl.store(y1_ptr + off, (x * m1.to(tl.float32)).to(y1_ptr.dtype.element_ty), mask=valid)
+
+    @triton.jit
+    def _masked_bwd_kernel(
+        g0_ptr,  # [ROWS, COLS] dL/dy0 in x's layout (HAS_G0)
+        g1_ptr,  # [ROWS, COLS] dL/dy1 (HAS_G1)
+        m0_ptr,
+        m1_ptr,
+        dx_ptr,  # [ROWS, COLS] out, x's dtype and layout
+        ROWS,
+        COLS,
+        C,
+        HW,
+        CHANNELS_LAST: tl.constexpr,
+        SPATIAL0: tl.constexpr,
+        SPATIAL1: tl.constexpr,
+        HAS_G0: tl.constexpr,
+        HAS_G1: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+        off = rows[:, None] * COLS + cols[None, :]
+        dx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
+        if HAS_G0:
+            g0 = tl.load(g0_ptr + off, mask=valid, other=0.0).to(tl.float32)
+            m0 = tl.load(m0_ptr + _mask_offsets(rows, cols, C, HW, CHANNELS_LAST, SPATIAL0), mask=valid, other=0.0)
+            dx += g0 * m0.to(tl.float32)
+        if HAS_G1:
+            g1 = tl.load(g1_ptr + off, mask=valid, other=0.0).to(tl.float32)
+            m1 = tl.load(m1_ptr + _mask_offsets(rows, cols, C, HW, CHANNELS_LAST, SPATIAL1), mask=valid, other=0.0)
+            dx += g1 * m1.to(tl.float32)
+        tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+
+
+def _memory_format(x: Tensor) -> torch.memory_format | None:
+    """contiguous_format or channels_last if x is dense in that order (channels_last preferred
+    when both hold, as for C == 1 or H == W == 1), else None."""
+    if x.is_contiguous(memory_format=torch.channels_last) and x.shape[1] > 1:
+        return torch.channels_last
+    if x.is_contiguous():
+        return torch.contiguous_format
+    return None
+
+
+def _mask_kind(m: Tensor, x: Tensor) -> bool | None:
+    """True for a spatial mask (N, 1, H, W), False for a channel mask (N, C, 1, 1), None otherwise."""
+    n, c, h, w = x.shape
+    if m.dim() != 4 or not m.is_floating_point() or m.device != x.device:
+        return None
+    if tuple(m.shape) == (n, 1, h, w) and (c > 1 or (h, w) != (1, 1)):
+        return True
+    if tuple(m.shape) == (n, c, 1, 1):
+        return False
+    return None
+
+
+def supported(x: Tensor, masks: Sequence[Tensor]) -> bool:
+    """Whether `masked_branches` runs the kernels (else it runs the reference)."""
+    return (
+        HAS_TRITON
+        and x.dim() == 4
+        and x.dtype in _KERNEL_DTYPES
+        and x.numel() > 0
+        and 1 <= len(masks) <= 2
+        and _memory_format(x) is not None
+        and all(_mask_kind(m, x) is not None for m in masks)
+        and can_run(x, *masks)
+    )
+
+
+def _geometry(shape: torch.Size, channels_last: bool) -> tuple[int, int, int, int, int, int]:
+    """(rows, cols, C, H*W, BLOCK_R, BLOCK_C) of x's memory order."""
+    n, c, h, w = shape
+    rows, cols = (n * h * w, c) if channels_last else (n * c, h * w)
+    block_c = min(triton.next_power_of_2(cols), 256 if channels_last else 512)
+    block_r = max(1, min(triton.next_power_of_2(rows), _TILE // block_c))
+    return rows, cols, c, h * w, block_r, block_c
+
+
+class _MaskedBranches(torch.autograd.Function):
+    """``(x, m0[, m1]) -> (x * m0[, x * m1])``; gradient to x only (masks are constants)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *masks: Tensor):  # type: ignore[override]
+        fmt = _memory_format(x)
+        channels_last = fmt == torch.channels_last
+        kinds = [_mask_kind(m, x) for m in masks]
+        flat = [m.reshape(x.shape[0], -1).contiguous() for m in masks]  # (N, HW) or (N, C)
+        outs = [torch.empty_like(x, memory_format=fmt) for _ in masks]
+        rows, cols, c, hw, block_r, block_c = _geometry(x.shape, channels_last)
+        two = len(masks) == 2
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+        with on_device(x):
+            _masked_fwd_kernel[grid](
+                x, flat[0], flat[-1], outs[0], outs[-1], rows, cols, c, hw,
+                CHANNELS_LAST=channels_last, SPATIAL0=kinds[0], SPATIAL1=kinds[-1], TWO=two,
+                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+            )  # fmt: skip
+        ctx.save_for_backward(*flat)
+        ctx.kinds, ctx.fmt, ctx.meta = kinds, fmt, (x.shape, x.dtype, x.device)
+        ctx.set_materialize_grads(False)
+        return tuple(outs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grads: Tensor | None):
+        flat = ctx.saved_tensors
+        shape, dtype, device = ctx.meta
+        none = (None,) * len(flat)
+        if not ctx.needs_input_grad[0] or all(g is None for g in grads):
+            return (None, *none)
+        channels_last = ctx.fmt == torch.channels_last
+        gs = [None if g is None else g.contiguous(memory_format=ctx.fmt) for g in grads]
+        dx = torch.empty(shape, dtype=dtype, device=device, memory_format=ctx.fmt)
+        rows, cols, c, hw, block_r, block_c = _geometry(shape, channels_last)
+        dummy = next(g for g in gs if g is not None)
+        grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+        with on_device(dx):
+            _masked_bwd_kernel[grid](
+                gs[0] if gs[0] is not None else dummy, gs[-1] if gs[-1] is not None else dummy,
+                flat[0], flat[-1], dx, rows, cols, c, hw,
+                CHANNELS_LAST=channels_last, SPATIAL0=ctx.kinds[0], SPATIAL1=ctx.kinds[-1],
+                HAS_G0=gs[0] is not None, HAS_G1=len(gs) == 2 and gs[1] is not None,
+                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+            )  # fmt: skip
+        return (dx, *none)
+
+
+def masked_branches(x: Tensor, masks: Sequence[Tensor]) -> list[Tensor]:
+    """``[x * m for m in masks]`` for one or two 0/1 masks, from one read of ``x``.
+
+    Args:
+        x: (N, C, H, W) student map (the pooled, aligned student of one scale), float32/float16/
+            bfloat16, contiguous or channels_last.
+        masks: one or two masks, each spatial (N, 1, H, W) or channel (N, C, 1, 1), values 0 or 1
+            (no gradient flows to them).
+
+    Returns:
+        One (N, C, H, W) tensor per mask, in x's dtype and layout. The backward writes
+        ``dx = sum_b dy_b * m_b`` in one pass. Runs the reference ``x * m.to(x.dtype)`` where
+        `supported` is False.
+    """
+    if not supported(x, masks):
+        return [x * m.to(x.dtype) for m in masks]
+    masks = [m.detach() for m in masks]
+    return list(_MaskedBranches.apply(x, *masks))
