@@ -6,13 +6,15 @@ autograd's bookkeeping). On a GPU each costs a launch, a few microseconds of CPU
 its size, so their number bounds how fast a loss can run when the maps are small. This
 script counts them with no GPU: every ATen operation dispatched during forward+backward
 (except views, allocations and detaches, which launch nothing), and every Triton kernel launch
-(the kernels run in Triton's interpreter on small CPU tensors; the counts do not depend on
-the sizes, with one exception: on a GPU the logits forward adds two small launches on levels
-of at least 2M logits, where it splits its loop (P3 and P4 of RetinaNet at batch 2). The
-counts here are without that split.)
+(the kernels run in Triton's interpreter on CPU tensors). Sizes matter a little: they decide
+whether a mask is ranked in one launch or sorted (rows of more than 2048 entries), and how many
+partial sums a kernel leaves; so the case's own sizes are the default (about 4 minutes per
+workload in the interpreter). On a GPU the logits forward also adds two small launches on
+levels of at least 2M logits, where it splits its loop (P3 and P4 of RetinaNet at batch 2);
+the counts here are without that split.
 
-    python benchmarks/launch_counts.py                 # every workload, retinanet_coco_b2 levels
-    python benchmarks/launch_counts.py --json out.json --trace famkd_default_nogen
+    python benchmarks/launch_counts.py                 # every workload, retinanet_coco_b2 sizes
+    python benchmarks/launch_counts.py --divisor 8 --trace famkd_default_nogen   # quick, smaller maps
 """
 
 from __future__ import annotations
@@ -123,10 +125,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workloads", default=",".join(w for w in WORKLOADS))
     ap.add_argument("--json", default=None)
     ap.add_argument("--trace", default=None, help="print the op sequence of this workload on one level")
+    ap.add_argument(
+        "--divisor",
+        type=int,
+        default=1,
+        help="divide the maps' sizes and channels (1: the case's own; sizes decide how the masks are "
+        "selected and how many partial sums a kernel leaves, so only 1 gives the case's counts)",
+    )
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    # tiny maps and channels: the counts do not depend on sizes, the interpreter is slow
-    case = case_by_name(args.case).scaled(spatial=8, channels=16)
+    # the case's own sizes by default: they decide the mask selection (rank kernel or sort), the
+    # number of partial sums and the logits split
+    case = case_by_name(args.case).scaled(spatial=args.divisor, channels=args.divisor)
     rows = []
     print(f"{'workload':22s} {'torch':>6s} {'triton':>14s}  (launching ATen ops + Triton launches, fwd+bwd)")
     for workload in args.workloads.split(","):

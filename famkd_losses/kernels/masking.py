@@ -1,5 +1,15 @@
-"""The masked inputs of the reconstruction branches (Triton): one read of the student map gives
-every branch's masked copy, and one backward pass gives its gradient.
+"""Masks in Triton: the top-k mask of a row of scores in one launch, and the masked inputs of the
+reconstruction branches (one read of the student map gives every branch's masked copy, and one
+backward pass gives its gradient).
+
+`topk_mask` is `famkd_losses.functional.topk_mask` (``ones``, a stable ``sort`` and a
+``scatter``: three launches) in one launch, for rows of up to `MAX_RANK_ENTRIES` entries: each
+entry's rank in the stable order is counted directly (how many entries come before it), and the
+first k are hidden. The order is torch's stable sort: descending (``largest``) or ascending
+values, NaN before every number when descending and after when ascending, equal values (-0.0
+and +0.0 among them, as torch's CPU sort; CUDA's radix sort may put -0.0 first, which the
+losses never meet: they rank non-negative saliencies and noise) and NaNs by index. The count is quadratic in the row length, which is
+cheap for the channel masks (C entries) and small spatial maps; longer rows keep the sort.
 
 Reference (as `ScaleAwareMaskedFeatureLoss` builds each branch's generator input)::
 
@@ -30,11 +40,13 @@ from torch.autograd.function import once_differentiable
 
 from . import HAS_TRITON, can_run, on_device
 
-__all__ = ["masked_branches", "supported"]
+__all__ = ["MAX_RANK_ENTRIES", "masked_branches", "supported", "topk_mask"]
 
 _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per program
 _NUM_WARPS = 8
+MAX_RANK_ENTRIES = 2048  # longest row `topk_mask` ranks by counting (M^2 comparisons per row)
+_RANK_BLOCK = 64
 
 if HAS_TRITON:
     import triton
@@ -118,6 +130,64 @@ if HAS_TRITON:
             m1 = tl.load(m1_ptr + _mask_offsets(rows, cols, C, HW, CHANNELS_LAST, SPATIAL1), mask=valid, other=0.0)
             dx += g1 * m1.to(tl.float32)
         tl.store(dx_ptr + off, dx.to(dx_ptr.dtype.element_ty), mask=valid)
+
+
+if HAS_TRITON:
+
+    @triton.jit
+    def _rank_mask_kernel(
+        keys_ptr,  # (N, M) scores, row stride below, float32/float16/bfloat16
+        out_ptr,  # (N, M) float32 contiguous (out): 0 on the k entries that come first
+        M,
+        K,  # entries hidden per row
+        stride_row,
+        LARGEST: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        row = tl.program_id(1).to(tl.int64)
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok_i = i < M
+        base = keys_ptr + row * stride_row
+        ki = tl.load(base + i, mask=ok_i, other=0.0).to(tl.float32)
+        nan_i = ki != ki
+        rank = tl.zeros([BLOCK], dtype=tl.int32)
+        for j0 in range(0, M, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            ok_j = j < M
+            kj = tl.load(base + j, mask=ok_j, other=0.0).to(tl.float32)
+            nan_j = kj != kj
+            a = kj[None, :]  # the other entry, [BLOCK_i, BLOCK_j]
+            b = ki[:, None]
+            if LARGEST:  # descending; NaN first
+                ahead = (a > b) | (nan_j[None, :] & ~nan_i[:, None])
+            else:  # ascending; NaN last
+                ahead = (a < b) | (~nan_j[None, :] & nan_i[:, None])
+            tie = (a == b) | (nan_j[None, :] & nan_i[:, None])
+            before = (ahead | (tie & (j[None, :] < i[:, None]))) & ok_j[None, :]
+            rank += tl.sum(before.to(tl.int32), axis=1)
+        tl.store(out_ptr + row * M + i, tl.where(rank < K, 0.0, 1.0), mask=ok_i)
+
+
+def topk_mask(scores: Tensor, ratio: float, *, largest: bool = True) -> Tensor:
+    """`famkd_losses.functional.topk_mask` in one launch: (N, M) scores -> float32 (N, M) mask,
+    0 on the ``num_masked(M, ratio)`` first entries of each row in torch's stable sort order.
+    Runs the reference for rows longer than `MAX_RANK_ENTRIES`, other dtypes, or tensors the
+    kernels cannot run on."""
+    from ..functional.masks import num_masked
+    from ..functional.masks import topk_mask as reference
+
+    n, m = scores.shape
+    if not (HAS_TRITON and 0 < m <= MAX_RANK_ENTRIES and n > 0 and scores.dtype in _KERNEL_DTYPES and can_run(scores)):
+        return reference(scores, ratio, largest=largest)
+    if m > 1 and scores.stride(1) != 1:
+        scores = scores.contiguous()
+    out = torch.empty((n, m), dtype=torch.float32, device=scores.device)
+    with on_device(scores):
+        _rank_mask_kernel[(triton.cdiv(m, _RANK_BLOCK), n)](
+            scores, out, m, num_masked(m, ratio), scores.stride(0) if m > 1 else 0, LARGEST=largest,
+            BLOCK=_RANK_BLOCK, num_warps=4,
+        )  # fmt: skip
+    return out
 
 
 def _memory_format(x: Tensor) -> torch.memory_format | None:

@@ -26,6 +26,7 @@ from ..functional import (
     mask_from_saliency,
     max_pool,
     reconstruction_error,
+    selection_keys,
     teacher_pyramid,
 )
 from ..functional._dtypes import acc_dtype
@@ -166,14 +167,21 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         """Validate one level and return ``align(S)`` at the teacher's size: (N, Ct, H, W)."""
         return align_student(self, s_feat, t_feat, level)
 
-    def _masks(self, sp_sal: Tensor, ch_sal: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
-        """Each branch's mask from the pooled teacher's saliencies (no gradient)."""
+    def _masks(
+        self, sp_sal: Tensor, ch_sal: Tensor, generator: torch.Generator | None, fused: bool = False
+    ) -> dict[str, Tensor]:
+        """Each branch's mask from the pooled teacher's saliencies (no gradient). ``fused``: the
+        top-k selection in one Triton launch (`famkd_losses.kernels.masking.topk_mask`)."""
         masks = {}
         for b in self.branches:
-            if b == "spatial":
-                masks[b] = mask_from_saliency(sp_sal, self.ratio_sp, self.mask_mode, self.tau, generator)
+            sal, ratio = (sp_sal, self.ratio_sp) if b == "spatial" else (ch_sal, self.ratio_ch)
+            if fused:
+                from ..kernels.masking import topk_mask
+
+                keys, largest = selection_keys(sal.reshape(sal.shape[0], -1), self.mask_mode, self.tau, generator)
+                masks[b] = topk_mask(keys, ratio, largest=largest).reshape(sal.shape)
             else:
-                masks[b] = mask_from_saliency(ch_sal, self.ratio_ch, self.mask_mode, self.tau, generator)
+                masks[b] = mask_from_saliency(sal, ratio, self.mask_mode, self.tau, generator)
         return masks
 
     def reconstruction_loss(self, x: Tensor, t_feat: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
@@ -201,7 +209,7 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             student = [max_pool(x, s) for s in used]
         for s, (t_s, sp_sal, ch_sal), x_s in zip(used, teacher, student):
             i = self.scales.index(s)
-            masks = self._masks(sp_sal, ch_sal, generator)
+            masks = self._masks(sp_sal, ch_sal, generator, fused)
             gens = [self._generator(b, i) for b in self.branches]
             x_ins = [to_module_dtype(x_s, gen) for gen in gens]
             if fused and all(x_in is x_s for x_in in x_ins):

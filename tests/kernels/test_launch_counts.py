@@ -24,8 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     ("workload", "per_level"),
     [
         ("logits", 2),  # KL forward, KL backward
-        # teacher statistics, masked input and reconstruction, forward and backward
-        ("famkd_default_nogen", 5),
+        # teacher statistics, top-k mask, masked input and reconstruction forward; the last two backward
+        ("famkd_default_nogen", 6),
         ("famkd_feature_nogen", None),  # FULL_METHOD: scales that fit each level vary
     ],
 )

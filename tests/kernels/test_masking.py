@@ -135,3 +135,77 @@ def test_falls_back_to_the_reference(case):
 )
 def test_fuzz(n, c, h, w, kinds, layout, seed):
     _check(*_case((n, c, h, w), kinds, layout=layout, seed=seed))
+
+
+# ---------------------------------------------------------------------------------------------
+# topk_mask: the rank-counting kernel against functional.topk_mask (stable sort, ones, scatter)
+# ---------------------------------------------------------------------------------------------
+
+
+def _scores(n, m, kind, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "ties":  # few distinct values: ties everywhere
+        x = torch.randint(0, 4, (n, m), generator=gen).float()
+    elif kind == "special":  # NaN, +-inf, -0.0 and +0.0 among ties
+        x = torch.randint(-2, 3, (n, m), generator=gen).float()
+        pick = torch.randint(0, 6, (n, m), generator=gen)
+        x[pick == 0] = float("nan")
+        x[pick == 1] = float("inf")
+        x[pick == 2] = float("-inf")
+        # -0.0 ties with +0.0 (torch's CPU sort); CUDA's radix sort may put it first. The
+        # losses rank non-negative saliencies, which have no -0.0.
+        x[pick == 3] = -0.0 if DEVICE == "cpu" else 0.0
+    else:
+        x = torch.randn(n, m, generator=gen)
+    return x.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("kind", ["random", "ties", "special"])
+@pytest.mark.parametrize("m", [1, 2, 63, 64, 65, 257])
+def test_topk_mask_matches_the_stable_sort(m, kind, largest):
+    from famkd_losses.functional.masks import topk_mask as reference
+    from famkd_losses.kernels.masking import topk_mask
+
+    scores = _scores(3, m, kind, seed=m)
+    for ratio in (0.0, 0.25, 0.5, 0.65, 1.0):
+        got = topk_mask(scores, ratio, largest=largest)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, reference(scores, ratio, largest=largest)), (ratio, scores)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_topk_mask_half_scores(dtype):
+    from famkd_losses.functional.masks import topk_mask as reference
+    from famkd_losses.kernels.masking import topk_mask
+
+    scores = _scores(2, 100, "special", dtype=dtype, seed=5)
+    for largest in (True, False):
+        assert torch.equal(topk_mask(scores, 0.4, largest=largest), reference(scores, 0.4, largest=largest))
+
+
+def test_topk_mask_strided_rows_and_long_rows():
+    from famkd_losses.functional.masks import topk_mask as reference
+    from famkd_losses.kernels.masking import MAX_RANK_ENTRIES, topk_mask
+
+    scores = _scores(5, 70, "ties", seed=6).t()  # (70, 5), columns of a wider tensor: row stride 1
+    assert torch.equal(topk_mask(scores, 0.4), reference(scores, 0.4))
+    long = _scores(1, MAX_RANK_ENTRIES + 1, "ties", seed=7)  # longer rows keep the sort
+    assert torch.equal(topk_mask(long, 0.5), reference(long, 0.5))
+
+
+@settings(max_examples=60)
+@given(
+    n=st.integers(1, 3),
+    m=st.integers(1, 200),
+    kind=st.sampled_from(["random", "ties", "special"]),
+    ratio=st.floats(0.0, 1.0),
+    largest=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_topk_mask_fuzz(n, m, kind, ratio, largest, seed):
+    from famkd_losses.functional.masks import topk_mask as reference
+    from famkd_losses.kernels.masking import topk_mask
+
+    scores = _scores(n, m, kind, seed=seed)
+    assert torch.equal(topk_mask(scores, ratio, largest=largest), reference(scores, ratio, largest=largest))
