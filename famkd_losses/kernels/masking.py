@@ -8,8 +8,9 @@ entry's rank in the stable order is counted directly (how many entries come befo
 first k are hidden. The order is torch's stable sort: descending (``largest``) or ascending
 values, NaN before every number when descending and after when ascending, equal values (-0.0
 and +0.0 among them, as torch's CPU sort; CUDA's radix sort may put -0.0 first, which the
-losses never meet: they rank non-negative saliencies and noise) and NaNs by index. The count is quadratic in the row length, which is
-cheap for the channel masks (C entries) and small spatial maps; longer rows keep the sort.
+losses never meet: they rank non-negative saliencies and noise) and NaNs by index. The count
+is quadratic in the row length, which is cheap for the channel masks (C entries) and small
+spatial maps; longer rows keep the sort.
 
 Reference (as `ScaleAwareMaskedFeatureLoss` builds each branch's generator input)::
 
@@ -185,7 +186,7 @@ def topk_mask(scores: Tensor, ratio: float, *, largest: bool = True) -> Tensor:
     with on_device(scores):
         _rank_mask_kernel[(triton.cdiv(m, _RANK_BLOCK), n)](
             scores, out, m, num_masked(m, ratio), scores.stride(0) if m > 1 else 0, LARGEST=largest,
-            BLOCK=_RANK_BLOCK, num_warps=4,
+            BLOCK=_RANK_BLOCK, num_warps=8,
         )  # fmt: skip
     return out
 

@@ -27,6 +27,7 @@ KERNELS = {
     "_recon_kernel",
     "_masked_fwd_kernel",
     "_masked_bwd_kernel",
+    "_rank_mask_kernel",
     "_sigmoid_fwd_kernel",
     "_sigmoid_bwd_kernel",
     "_softmax_fwd_kernel",
