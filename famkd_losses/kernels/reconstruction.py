@@ -60,13 +60,65 @@ if HAS_TRITON:
         return off
 
     @triton.jit
+    def _fusion_weights(theta_ptr, NUM_BRANCHES: tl.constexpr):
+        """``softmax(theta)`` of one or two fusion logits, in float32: (w0, w1), w1 = 0 for one."""
+        t0 = tl.load(theta_ptr).to(tl.float32)
+        if NUM_BRANCHES == 2:
+            t1 = tl.load(theta_ptr + 1).to(tl.float32)
+            m = tl.maximum(t0, t1)
+            e0 = tl.exp(t0 - m)
+            e1 = tl.exp(t1 - m)
+            z = e0 + e1
+            w0 = e0 / z
+            w1 = e1 / z
+        else:
+            w0 = tl.exp(t0 - t0) / tl.exp(t0 - t0)  # 1, NaN for a non-finite logit (as softmax)
+            w1 = 0.0 * w0
+        return w0, w1
+
+    @triton.jit
+    def _dtheta_kernel(
+        part_ptr,  # float32 [P, 2] partials of dL/dw_b from the backward programs
+        P,
+        theta_ptr,  # [NUM_BRANCHES] the fusion logits of this scale (row `row` of the matrix)
+        out_ptr,  # [ROWS * NUM_BRANCHES] gradient of the whole fusion-logit matrix (out), its dtype
+        row,
+        TOTAL,  # ROWS * NUM_BRANCHES
+        NUM_BRANCHES: tl.constexpr,
+        BLOCK: tl.constexpr,
+        OUT_BLOCK: tl.constexpr,
+    ):
+        """One program: dL/dw_b = sum of the partials (fixed order), then the softmax backward
+        ``dtheta_j = w_j (dL/dw_j - sum_b w_b dL/dw_b)`` into row ``row``, zeros elsewhere."""
+        acc0 = tl.zeros([BLOCK], dtype=tl.float32)
+        acc1 = tl.zeros([BLOCK], dtype=tl.float32)
+        for p0 in range(0, P, BLOCK):
+            idx = p0 + tl.arange(0, BLOCK)
+            ok = idx < P
+            acc0 += tl.load(part_ptr + 2 * idx, mask=ok, other=0.0)
+            if NUM_BRANCHES == 2:
+                acc1 += tl.load(part_ptr + 2 * idx + 1, mask=ok, other=0.0)
+        d0 = tl.sum(acc0, axis=0)
+        d1 = tl.sum(acc1, axis=0)
+        w0, w1 = _fusion_weights(theta_ptr, NUM_BRANCHES)
+        mean = w0 * d0 + w1 * d1
+        g0 = w0 * (d0 - mean)
+        g1 = w1 * (d1 - mean)
+        offs = tl.arange(0, OUT_BLOCK)
+        first = row * NUM_BRANCHES
+        vals = tl.where(offs == first, g0, tl.where(offs == first + 1, g1, 0.0))
+        if NUM_BRANCHES == 1:
+            vals = tl.where(offs == first, g0, 0.0)
+        tl.store(out_ptr + offs, vals.to(out_ptr.dtype.element_ty), mask=offs < TOTAL)
+
+    @triton.jit
     def _recon_kernel(
         r0_ptr,  # [N, C, H, W] reconstruction of branch 0 (fp32/fp16/bf16)
         r1_ptr,  # [N, C, H, W] reconstruction of branch 1 (unused if NUM_BRANCHES == 1)
         t_ptr,  # [N, C, H, W] target T
         asp_ptr,  # [N, 1, H, W] spatial attention (unused unless HAS_ASP)
         ach_ptr,  # [N, C, 1, 1] channel attention (unused unless HAS_ACH)
-        w_ptr,  # [NUM_BRANCHES] float32 fusion weights softmax(theta) (unused unless HAS_W)
+        w_ptr,  # [NUM_BRANCHES] fusion logits theta, any float dtype (unused unless HAS_W)
         g_ptr,  # [] incoming gradient of the loss (backward only)
         dr0_ptr,  # [N, C, H, W] gradient of R_0, R_0's dtype (backward, WRITE_DR0)
         dr1_ptr,  # [N, C, H, W] gradient of R_1, R_1's dtype (backward, WRITE_DR1)
@@ -131,15 +183,14 @@ if HAS_TRITON:
         off_r0 = n * s_r0n + c[:, None] * s_r0c + _hw_offsets(hw, W, s_r0h, s_r0w, MERGED_HW)[None, :]
         r0 = tl.load(r0_ptr + off_r0, mask=mask, other=0.0).to(tl.float32)
         w0 = 1.0
+        w1 = 0.0
         if HAS_W:
-            w0 = tl.load(w_ptr).to(tl.float32)
+            w0, w1 = _fusion_weights(w_ptr, NUM_BRANCHES)
         fused = w0 * r0
         r1 = r0
-        w1 = 0.0
         if NUM_BRANCHES == 2:
             off_r1 = n * s_r1n + c[:, None] * s_r1c + _hw_offsets(hw, W, s_r1h, s_r1w, MERGED_HW)[None, :]
             r1 = tl.load(r1_ptr + off_r1, mask=mask, other=0.0).to(tl.float32)
-            w1 = tl.load(w_ptr + 1).to(tl.float32)
             fused = fused + w1 * r1
         off_t = n * s_tn + c[:, None] * s_tc + _hw_offsets(hw, W, s_th, s_tw, MERGED_HW)[None, :]
         t = tl.load(t_ptr + off_t, mask=mask, other=0.0).to(tl.float32)
@@ -280,39 +331,51 @@ class _Launcher:
 
 
 class _FusedReconstructionError(torch.autograd.Function):
-    """(target, a_sp, a_ch, theta, R_0, R_1) -> float32 scalar; gradients to theta, R_0, R_1 only."""
+    """(target, a_sp, a_ch, logits, row, R_0, R_1, scale) -> float32 scalar; gradients to the
+    fusion logits (the whole matrix, row ``row`` filled), R_0 and R_1 only."""
 
     @staticmethod
-    def forward(ctx, target, a_sp, a_ch, theta, r0, r1, scale):
-        w = None if theta is None else torch.softmax(theta.detach().float(), dim=0).contiguous()
+    def forward(ctx, target, a_sp, a_ch, logits, row, r0, r1, scale):
+        theta = None
+        if logits is not None:  # this scale's logits, read by the kernels (softmax in-kernel)
+            theta = (logits[row] if logits.dim() == 2 else logits).detach()
+            theta = theta if theta.stride(-1) == 1 else theta.contiguous()
         scale_n = scale / target.shape[0]
-        launch = _Launcher(r0, r1, target, a_sp, a_ch, w, scale_n)
+        launch = _Launcher(r0, r1, target, a_sp, a_ch, theta, scale_n)
         part = torch.empty(launch.programs, device=target.device, dtype=torch.float32)
         launch(part)  # partials already times scale / N: one sum finishes the loss
-        ctx.save_for_backward(target, a_sp, a_ch, w, r0, r1)
-        ctx.theta_dtype = None if theta is None else theta.dtype
+        ctx.save_for_backward(target, a_sp, a_ch, theta, r0, r1)
+        ctx.logits_meta = None if logits is None else (logits.shape, logits.dtype, row)
         ctx.scale_n = scale_n
         return part.sum()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        target, a_sp, a_ch, w, r0, r1 = ctx.saved_tensors
-        need_theta, need_r0, need_r1 = ctx.needs_input_grad[3:6]
+        target, a_sp, a_ch, theta, r0, r1 = ctx.saved_tensors
+        need_theta = ctx.needs_input_grad[3]
+        need_r0, need_r1 = ctx.needs_input_grad[5:7]
         if not (need_theta or need_r0 or need_r1):
-            return None, None, None, None, None, None, None
+            return (None,) * 8
         dr0 = torch.empty_like(r0) if need_r0 else None
         dr1 = torch.empty_like(r1) if need_r1 else None
-        launch = _Launcher(r0, r1, target, a_sp, a_ch, w, ctx.scale_n, outs=(dr0, dr1))
+        launch = _Launcher(r0, r1, target, a_sp, a_ch, theta, ctx.scale_n, outs=(dr0, dr1))
         # every program writes its row when need_theta (column 1 unread with one branch)
         part = torch.empty(launch.programs, 2, device=target.device, dtype=torch.float32)
         g = grad.detach().to(torch.float32).reshape(())
         launch(part, g=g, dr0=dr0, dr1=dr1, backward=True, need_dw=need_theta)
-        dtheta = None
+        dlogits = None
         if need_theta:
-            dldw = part.sum(dim=0)[: w.shape[0]]  # dL/dw_b, (B,)
-            dtheta = (w * (dldw - (w * dldw).sum())).to(ctx.theta_dtype)
-        return None, None, None, dtheta, dr0, dr1, None
+            shape, dtype, row = ctx.logits_meta
+            dlogits = torch.empty(shape, dtype=dtype, device=target.device)
+            branches = shape[-1]
+            with on_device(target):
+                _dtheta_kernel[(1,)](
+                    part, launch.programs, theta, dlogits, row if len(shape) == 2 else 0, dlogits.numel(),
+                    NUM_BRANCHES=branches, BLOCK=1024, OUT_BLOCK=triton.next_power_of_2(dlogits.numel()),
+                    num_warps=4,
+                )  # fmt: skip
+        return None, None, None, dlogits, None, dr0, dr1, None
 
 
 def _reference(recons, fusion_logits, target, a_sp, a_ch) -> Tensor:
@@ -352,12 +415,15 @@ def fused_reconstruction_error(
     a_ch: Tensor | None = None,
     *,
     scale: float = 1.0,
+    row: int | None = None,
 ) -> Tensor:
     """``scale * sum(a_sp * a_ch * (sum_b softmax(theta)_b R_b - T)^2) / N``: float32 scalar.
 
     Equal to ``scale * reconstruction_error(fuse_reconstructions(recons, fusion_logits),
     target, a_sp * a_ch)``, with an absent attention map read as 1. ``scale`` (the loss
-    weight) is applied to the kernel's partial sums, so no launch is spent on it.
+    weight) is applied to the kernel's partial sums, so no launch is spent on it. With ``row``,
+    ``fusion_logits`` is the whole (S, B) matrix of a multi-scale loss and theta is its row
+    ``row``: the gradient then reaches the matrix directly (no select and copy per scale).
 
     Args:
         recons: 1 or 2 reconstructions R_b (N, C, H, W), float32/float16/bfloat16, any strides.
@@ -372,6 +438,14 @@ def fused_reconstruction_error(
     """
     recons = list(recons)
     scale = float(scale)
+    matrix = fusion_logits
+    if row is not None:
+        if fusion_logits is None or fusion_logits.dim() != 2 or not 0 <= row < fusion_logits.shape[0]:
+            raise ValueError(
+                f"row={row} needs fusion_logits of shape (S, B) with S > row, got "
+                f"{None if fusion_logits is None else tuple(fusion_logits.shape)}"
+            )
+        fusion_logits = fusion_logits[row]
     if not _kernel_ok(recons, fusion_logits, target, a_sp, a_ch):
         return _scaled(scale, _reference(recons, fusion_logits, target, a_sp, a_ch))
     n, c, h, w = target.shape
@@ -381,4 +455,6 @@ def fused_reconstruction_error(
     except RuntimeError:  # not broadcastable: let the reference raise its error
         return _scaled(scale, _reference(recons, fusion_logits, target, a_sp, a_ch))
     r1 = recons[1] if len(recons) == 2 else None
-    return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, fusion_logits, recons[0], r1, scale)
+    if row is None:
+        return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, fusion_logits, 0, recons[0], r1, scale)
+    return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, matrix, row, recons[0], r1, scale)

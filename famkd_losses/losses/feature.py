@@ -229,7 +229,8 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
                 # branch fusion, error, attention weighting, reduction and the weight in one pass each way
                 from ..kernels.reconstruction import fused_reconstruction_error
 
-                term = fused_reconstruction_error(recons, theta, t_s, a_sp, a_ch, scale=weight_i)
+                logits, row = (None, None) if theta is None else (self.fusion_logits, i)
+                term = fused_reconstruction_error(recons, logits, t_s, a_sp, a_ch, scale=weight_i, row=row)
             else:
                 weight = None if a_sp is None else a_sp * a_ch
                 term = weight_i * reconstruction_error(fuse_reconstructions(recons, theta), t_s, weight)

@@ -28,6 +28,7 @@ KERNELS = {
     "_masked_fwd_kernel",
     "_masked_bwd_kernel",
     "_rank_mask_kernel",
+    "_dtheta_kernel",
     "_sigmoid_fwd_kernel",
     "_sigmoid_bwd_kernel",
     "_softmax_fwd_kernel",

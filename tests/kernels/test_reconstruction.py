@@ -240,6 +240,26 @@ def test_scale_is_folded_in(dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("branches", [1, 2])
+def test_row_of_a_logit_matrix(branches):
+    """``row=i`` reads theta from row i of an (S, B) matrix and returns the matrix's gradient
+    (row i filled, zeros elsewhere), as autograd through ``matrix[i]`` does."""
+    recons, _, target, a_sp, a_ch = _case((2, 5, 4, 3), branches=branches, seed=12)
+    matrix = torch.tensor([[0.3, -0.2], [1.1, 0.4], [-0.5, 0.2]])[:, :branches].to(DEVICE).requires_grad_()
+    got = fused_reconstruction_error(recons, matrix, target, a_sp, a_ch, scale=0.7, row=1)
+    assert type(got.grad_fn).__name__ == "_FusedReconstructionErrorBackward"
+    ref = 0.7 * _reference(recons, matrix[1], target, a_sp, a_ch)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=0)
+    g_got = torch.autograd.grad(-2.0 * got, [matrix, *recons])
+    g_ref = torch.autograd.grad(-2.0 * ref, [matrix, *recons])
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.equal(g_got[0][0], torch.zeros(branches, device=DEVICE))
+    with pytest.raises(ValueError, match="row=3"):
+        fused_reconstruction_error(recons, matrix, target, a_sp, a_ch, row=3)
+
+
+@needs_kernel
 def test_no_grad_and_nonfinite():
     recons, theta, target, a_sp, a_ch = _case((1, 3, 4, 5), seed=8)
     with torch.no_grad():
