@@ -23,8 +23,9 @@ Reference (as `ScaleAwareMaskedFeatureLoss` builds each branch's generator input
 and rounded once to x's dtype: with 0/1 masks every value, NaN and Inf included, is exactly what
 ``x * m_b.to(x.dtype)`` and autograd's sum of the branch gradients give.
 
-Grid: 2-D tiles over the rows and columns of x's memory order: (N*C, H*W) for contiguous x,
-(N*H*W, C) for channels_last; each program stores its own outputs (no atomics). The outputs
+Grid: tiles over the rows and columns of x's memory order, (N*C, H*W) for contiguous x and
+(N*H*W, C) for channels_last, numbered along one grid axis (either count may pass 65535); each
+program stores its own outputs (no atomics). The outputs
 are ``empty_like(x)`` (same layout); gradients in another layout are brought to x's first.
 
 Falls back to the reference (plain PyTorch) where the kernels cannot run, for x that is not
@@ -87,8 +88,10 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pid = tl.program_id(0).to(tl.int64)  # one axis: row and column tiles may each exceed 65535
+        col_tiles = tl.cdiv(COLS, BLOCK_C)
+        rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
         off = rows[:, None] * COLS + cols[None, :]
         x = tl.load(x_ptr + off, mask=valid, other=0.0).to(tl.float32)
@@ -117,8 +120,10 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+        pid = tl.program_id(0).to(tl.int64)  # one axis: row and column tiles may each exceed 65535
+        col_tiles = tl.cdiv(COLS, BLOCK_C)
+        rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
         valid = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
         off = rows[:, None] * COLS + cols[None, :]
         dx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
@@ -185,6 +190,7 @@ def topk_mask(scores: Tensor, ratio: float, *, largest: bool = True) -> Tensor:
     out = torch.empty((n, m), dtype=torch.float32, device=scores.device)
     with on_device(scores):
         _rank_mask_kernel[(triton.cdiv(m, _RANK_BLOCK), n)](
+            # one entry per row (m == 1): the rank is always 0, any row stride reads it
             scores, out, m, num_masked(m, ratio), scores.stride(0) if m > 1 else 0, LARGEST=largest,
             BLOCK=_RANK_BLOCK, num_warps=8,
         )  # fmt: skip
@@ -248,7 +254,7 @@ class _MaskedBranches(torch.autograd.Function):
         outs = [torch.empty_like(x, memory_format=fmt) for _ in masks]
         rows, cols, c, hw, block_r, block_c = _geometry(x.shape, channels_last)
         two = len(masks) == 2
-        grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+        grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
         with on_device(x):
             _masked_fwd_kernel[grid](
                 x, flat[0], flat[-1], outs[0], outs[-1], rows, cols, c, hw,
@@ -273,7 +279,7 @@ class _MaskedBranches(torch.autograd.Function):
         dx = torch.empty(shape, dtype=dtype, device=device, memory_format=ctx.fmt)
         rows, cols, c, hw, block_r, block_c = _geometry(shape, channels_last)
         dummy = next(g for g in gs if g is not None)
-        grid = (triton.cdiv(rows, block_r), triton.cdiv(cols, block_c))
+        grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
         with on_device(dx):
             _masked_bwd_kernel[grid](
                 gs[0] if gs[0] is not None else dummy, gs[-1] if gs[-1] is not None else dummy,

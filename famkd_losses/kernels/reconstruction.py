@@ -80,7 +80,7 @@ if HAS_TRITON:
     def _dtheta_kernel(
         part_ptr,  # float32 [P, 2] partials of dL/dw_b from the backward programs
         P,
-        theta_ptr,  # [NUM_BRANCHES] the fusion logits of this scale (row `row` of the matrix)
+        w_ptr,  # [2] float32 fusion weights softmax(theta) that the forward used
         out_ptr,  # [ROWS * NUM_BRANCHES] gradient of the whole fusion-logit matrix (out), its dtype
         row,
         TOTAL,  # ROWS * NUM_BRANCHES
@@ -100,7 +100,8 @@ if HAS_TRITON:
                 acc1 += tl.load(part_ptr + 2 * idx + 1, mask=ok, other=0.0)
         d0 = tl.sum(acc0, axis=0)
         d1 = tl.sum(acc1, axis=0)
-        w0, w1 = _fusion_weights(theta_ptr, NUM_BRANCHES)
+        w0 = tl.load(w_ptr)
+        w1 = tl.load(w_ptr + 1)
         mean = w0 * d0 + w1 * d1
         g0 = w0 * (d0 - mean)
         g1 = w1 * (d1 - mean)
@@ -118,7 +119,9 @@ if HAS_TRITON:
         t_ptr,  # [N, C, H, W] target T
         asp_ptr,  # [N, 1, H, W] spatial attention (unused unless HAS_ASP)
         ach_ptr,  # [N, C, 1, 1] channel attention (unused unless HAS_ACH)
-        w_ptr,  # [NUM_BRANCHES] fusion logits theta, any float dtype (unused unless HAS_W)
+        w_ptr,  # forward: [NUM_BRANCHES] fusion logits theta, any float dtype; backward: [2] float32
+        #         weights softmax(theta) as the forward wrote them (unused unless HAS_W)
+        wout_ptr,  # [2] float32 (out, forward with HAS_W): the weights, for the backward
         g_ptr,  # [] incoming gradient of the loss (backward only)
         dr0_ptr,  # [N, C, H, W] gradient of R_0, R_0's dtype (backward, WRITE_DR0)
         dr1_ptr,  # [N, C, H, W] gradient of R_1, R_1's dtype (backward, WRITE_DR1)
@@ -185,7 +188,14 @@ if HAS_TRITON:
         w0 = 1.0
         w1 = 0.0
         if HAS_W:
-            w0, w1 = _fusion_weights(w_ptr, NUM_BRANCHES)
+            if BACKWARD:
+                w0 = tl.load(w_ptr)
+                w1 = tl.load(w_ptr + 1)
+            else:
+                w0, w1 = _fusion_weights(w_ptr, NUM_BRANCHES)
+                if pid == 0:  # saved for the backward: no host softmax, no view of the parameter kept
+                    tl.store(wout_ptr, w0)
+                    tl.store(wout_ptr + 1, w1)
         fused = w0 * r0
         r1 = r0
         if NUM_BRANCHES == 2:
@@ -281,13 +291,13 @@ class _Launcher:
         self.programs = n * triton.cdiv(c, self.block_c) * triton.cdiv(h * wd, self.block_hw)
         self.args = (r0, r1, target, a_sp, a_ch, w)
 
-    def __call__(self, part, g=None, dr0=None, dr1=None, backward=False, need_dw=False):
+    def __call__(self, part, g=None, dr0=None, dr1=None, backward=False, need_dw=False, wout=None):
         r0, a_sp = self.args[0], self.args[3]
         sp = _spatial_strides(a_sp, self.shape[2], self.shape[3], self.merged)
         with on_device(r0):  # triton launches on the current device
-            self._launch(part, g, dr0, dr1, backward, need_dw, sp, r0)
+            self._launch(part, g, dr0, dr1, backward, need_dw, sp, r0, wout)
 
-    def _launch(self, part, g, dr0, dr1, backward, need_dw, sp, dummy):
+    def _launch(self, part, g, dr0, dr1, backward, need_dw, sp, dummy, wout):
         r0, r1, target, a_sp, a_ch, w = self.args
         _, c, h, wd = self.shape
         m = self.merged
@@ -298,6 +308,7 @@ class _Launcher:
             dummy if a_sp is None else a_sp,
             dummy if a_ch is None else a_ch,
             part if w is None else w,
+            part if wout is None else wout,
             part if g is None else g,
             dummy if dr0 is None else dr0,
             dummy if dr1 is None else dr1,
@@ -343,8 +354,10 @@ class _FusedReconstructionError(torch.autograd.Function):
         scale_n = scale / target.shape[0]
         launch = _Launcher(r0, r1, target, a_sp, a_ch, theta, scale_n)
         part = torch.empty(launch.programs, device=target.device, dtype=torch.float32)
-        launch(part)  # partials already times scale / N: one sum finishes the loss
-        ctx.save_for_backward(target, a_sp, a_ch, theta, r0, r1)
+        # the kernel writes softmax(theta) here for the backward (the logits may change in place)
+        weights = None if theta is None else torch.empty(2, device=target.device, dtype=torch.float32)
+        launch(part, wout=weights)  # partials already times scale / N: one sum finishes the loss
+        ctx.save_for_backward(target, a_sp, a_ch, weights, r0, r1)
         ctx.logits_meta = None if logits is None else (logits.shape, logits.dtype, row)
         ctx.scale_n = scale_n
         return part.sum()
@@ -352,14 +365,14 @@ class _FusedReconstructionError(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        target, a_sp, a_ch, theta, r0, r1 = ctx.saved_tensors
+        target, a_sp, a_ch, weights, r0, r1 = ctx.saved_tensors
         need_theta = ctx.needs_input_grad[3]
         need_r0, need_r1 = ctx.needs_input_grad[5:7]
         if not (need_theta or need_r0 or need_r1):
             return (None,) * 8
         dr0 = torch.empty_like(r0) if need_r0 else None
         dr1 = torch.empty_like(r1) if need_r1 else None
-        launch = _Launcher(r0, r1, target, a_sp, a_ch, theta, ctx.scale_n, outs=(dr0, dr1))
+        launch = _Launcher(r0, r1, target, a_sp, a_ch, weights, ctx.scale_n, outs=(dr0, dr1))
         # every program writes its row when need_theta (column 1 unread with one branch)
         part = torch.empty(launch.programs, 2, device=target.device, dtype=torch.float32)
         g = grad.detach().to(torch.float32).reshape(())
@@ -371,7 +384,7 @@ class _FusedReconstructionError(torch.autograd.Function):
             branches = shape[-1]
             with on_device(target):
                 _dtheta_kernel[(1,)](
-                    part, launch.programs, theta, dlogits, row if len(shape) == 2 else 0, dlogits.numel(),
+                    part, launch.programs, weights, dlogits, row if len(shape) == 2 else 0, dlogits.numel(),
                     NUM_BRANCHES=branches, BLOCK=1024, OUT_BLOCK=triton.next_power_of_2(dlogits.numel()),
                     num_warps=4,
                 )  # fmt: skip

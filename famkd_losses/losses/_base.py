@@ -38,6 +38,9 @@ class DistillationLoss(nn.Module):
     def last_terms(self, as_float: bool = False) -> dict[str, Tensor] | dict[str, float]:
         """The parts of the last call: detached scalars keyed by name, ``"total"`` always present.
 
+        They are detached views of the call's own tensors (no copies, no launches): an in-place
+        change of the returned loss (``loss /= n``) shows in them, and in ``"total"`` always. Scale
+        the loss out of place (``loss = loss / n``), or read them first.
         ``as_float=True`` returns Python floats (JSON-ready; this synchronises with the GPU).
         """
         if as_float:

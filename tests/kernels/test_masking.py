@@ -23,7 +23,17 @@ pytestmark = pytest.mark.skipif(
     not (HAS_TRITON and can_run(torch.empty(1, device=DEVICE))),
     reason="triton is not installed (or neither CUDA nor TRITON_INTERPRET=1)",
 )
-SHAPES = [(2, 5, 3, 4), (1, 1, 1, 1), (1, 3, 1, 1), (2, 17, 7, 9), (3, 65, 1, 5), (1, 2, 9, 1), (1, 1, 4, 6)]
+# (2, 3, 30, 40): several row and column tiles in both layouts
+SHAPES = [
+    (2, 5, 3, 4),
+    (1, 1, 1, 1),
+    (1, 3, 1, 1),
+    (2, 17, 7, 9),
+    (3, 65, 1, 5),
+    (1, 2, 9, 1),
+    (1, 1, 4, 6),
+    (2, 3, 30, 40),
+]
 MASK_SETS = [("sp",), ("ch",), ("sp", "ch"), ("ch", "sp"), ("sp", "sp")]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

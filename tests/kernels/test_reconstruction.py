@@ -260,6 +260,23 @@ def test_row_of_a_logit_matrix(branches):
 
 
 @needs_kernel
+def test_logits_changed_in_place_before_backward():
+    """The backward uses the fusion weights of the forward (saved by the kernel), not the
+    parameter, which an optimiser or EMA may change in place before backward runs."""
+    recons, _, target, a_sp, a_ch = _case((2, 5, 4, 3), seed=13)
+    matrix = torch.tensor([[0.3, -0.2], [1.1, 0.4]]).to(DEVICE).requires_grad_()
+    got = fused_reconstruction_error(recons, matrix, target, a_sp, a_ch, row=1)
+    frozen = matrix.detach().clone().requires_grad_()
+    ref = _reference(recons, frozen[1], target, a_sp, a_ch)
+    with torch.no_grad():
+        matrix.add_(0.5)
+    g_got = torch.autograd.grad(got, [matrix, *recons])
+    g_ref = torch.autograd.grad(ref, [frozen, *recons])
+    for a, b in zip(g_got, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@needs_kernel
 def test_no_grad_and_nonfinite():
     recons, theta, target, a_sp, a_ch = _case((1, 3, 4, 5), seed=8)
     with torch.no_grad():
