@@ -6,12 +6,12 @@ autograd's bookkeeping). On a GPU each costs a launch, a few microseconds of CPU
 its size, so their number bounds how fast a loss can run when the maps are small. This
 script counts them with no GPU: every ATen operation dispatched during forward+backward
 (except views, allocations and detaches, which launch nothing), and every Triton kernel launch
-(the kernels run in Triton's interpreter on CPU tensors). Sizes matter a little: they decide
-whether a mask is ranked in one launch or sorted (rows of more than 2048 entries), and how many
-partial sums a kernel leaves; so the case's own sizes are the default (about 4 minutes per
-workload in the interpreter). On a GPU the logits forward also adds two small launches on
-levels of at least 2M logits, where it splits its loop (P3 and P4 of RetinaNet at batch 2);
-the counts here are without that split.
+(counted without running them: nothing on the host depends on their values). Sizes matter a
+little: they decide whether a mask is ranked in one launch or sorted (rows of more than 2048
+entries), and how many partial sums a kernel leaves; so the case's own sizes are the default.
+``--execute`` runs the kernels in Triton's interpreter instead (minutes per workload). On a
+GPU the logits forward also adds two small launches on levels of at least 2M logits, where it
+splits its loop (P3 and P4 of RetinaNet at batch 2); the counts here are without that split.
 
     python benchmarks/launch_counts.py                 # every workload, retinanet_coco_b2 sizes
     python benchmarks/launch_counts.py --divisor 8 --trace famkd_default_nogen   # quick, smaller maps
@@ -63,8 +63,13 @@ class _Counter(TorchDispatchMode):
         return out
 
 
-def count(workload: str, case, backend: str, trace: list[str] | None = None) -> dict:
-    """Launching ATen ops and Triton launches of one forward+backward (after a warm-up call)."""
+def count(workload: str, case, backend: str, trace: list[str] | None = None, execute: bool = True) -> dict:
+    """Launching ATen ops and Triton launches of one forward+backward (after a warm-up call).
+
+    ``execute=False`` counts the Triton launches without running them (their outputs keep
+    whatever ``empty`` held): the host code takes the same path, since nothing in it depends
+    on the values, and the case's full sizes take seconds instead of the interpreter's minutes.
+    """
     from test_bench_losses import _build, _call, _inputs, uses_logits
     from triton.runtime.interpreter import GridExecutor
 
@@ -76,6 +81,8 @@ def count(workload: str, case, backend: str, trace: list[str] | None = None) -> 
         launches[self.fn.__name__] += 1
         if trace is not None:
             trace.append(f"TRITON {self.fn.__name__}")
+        if not execute:
+            return None
         inside[0] += 1
         try:
             return original(self, *args, **kwargs)
@@ -125,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--workloads", default=",".join(w for w in WORKLOADS))
     ap.add_argument("--json", default=None)
     ap.add_argument("--trace", default=None, help="print the op sequence of this workload on one level")
+    ap.add_argument("--execute", action="store_true", help="run the kernels (interpreter) while counting")
     ap.add_argument(
         "--divisor",
         type=int,
@@ -141,7 +149,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'workload':22s} {'torch':>6s} {'triton':>14s}  (launching ATen ops + Triton launches, fwd+bwd)")
     for workload in args.workloads.split(","):
         eager = count(workload, case, "torch")
-        fused = count(workload, case, "triton")
+        fused = count(workload, case, "triton", execute=args.execute)
         rows += [eager, fused]
         print(
             f"{workload:22s} {eager['total']:>6d} {fused['total']:>6d} = {fused['aten_ops']:>3d} + "
@@ -153,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.trace:
         one = dataclasses.replace(case, levels=case.levels[:1])
         seq: list[str] = []
-        count(args.trace, one, "triton", trace=seq)
+        count(args.trace, one, "triton", trace=seq, execute=args.execute)
         print(f"\n{args.trace}, one level, triton backend, {len(seq) - 1} launches:")
         print("\n".join(seq))
 
