@@ -533,6 +533,7 @@ class PositionKL(torch.autograd.Function):
         kl, d = _forward(s, t, head, temperature, num_classes)
         ctx.save_for_backward(s, t)
         ctx.mark_non_differentiable(d)
+        ctx.set_materialize_grads(False)  # no zeros for the gradient of d, which is never used
         ctx.head, ctx.temperature, ctx.num_classes = head, temperature, num_classes
         return kl, d
 

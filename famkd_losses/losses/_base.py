@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -32,8 +33,15 @@ class DistillationLoss(nn.Module):
         state.pop("_compiled_forward", None)  # rebuilt on the next call
         return state
 
-    def _record(self, terms: dict[str, Tensor]) -> None:
-        self._last_terms = {k: v.detach() for k, v in terms.items()}
+    def _record(self, terms: dict[str, Tensor | Callable[[], Tensor]]) -> None:
+        """Keep this call's parts for `last_terms`: tensors (detached), or zero-argument functions
+        of detached tensors for parts that only logging needs (computed on first read: no launch
+        in the training step)."""
+        self._last_terms = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
+
+    def _recorded(self) -> dict[str, Tensor | Callable[[], Tensor]]:
+        """The recorded parts as kept (lazy ones not computed): for a parent loss to pass on."""
+        return dict(self._last_terms)
 
     def last_terms(self, as_float: bool = False) -> dict[str, Tensor] | dict[str, float]:
         """The parts of the last call: detached scalars keyed by name, ``"total"`` always present.
@@ -43,6 +51,10 @@ class DistillationLoss(nn.Module):
         the loss out of place (``loss = loss / n``), or read them first.
         ``as_float=True`` returns Python floats (JSON-ready; this synchronises with the GPU).
         """
+        for k, v in self._last_terms.items():
+            if not isinstance(v, Tensor):  # a lazily recorded part: compute it once
+                with torch.no_grad():
+                    self._last_terms[k] = v().detach()
         if as_float:
             return {k: float(v) for k, v in self._last_terms.items()}
         return dict(self._last_terms)

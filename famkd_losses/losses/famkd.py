@@ -186,7 +186,7 @@ class FAMKDLoss(DistillationLoss):
                 logits_value = self.logits_loss(s_logits, t_logits, [a.detach() for a in aligned], t_list)
             else:
                 logits_value = self.logits_loss(s_logits, t_logits)
-            for key, v in self.logits_loss.last_terms().items():
+            for key, v in self.logits_loss._recorded().items():  # lazy parts stay lazy
                 if key != "total":
                     terms[f"logits/{key}"] = v
             terms["logits"] = logits_value.detach()

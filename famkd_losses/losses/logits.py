@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from .._backend import check_backend, use_triton
@@ -247,8 +249,10 @@ class MaskedLogitsLoss(DistillationLoss):
                 )
             else:
                 term = (w * kl).sum()
-            if self.weights == "mask":
-                # A 0/1 mask only ranks D: keep a NaN/Inf in the guidance visible in the loss.
+            if self.weights == "mask" and not (kl is not None and self.guidance == "logit"):
+                # A 0/1 mask only ranks D: keep a NaN/Inf in the guidance visible in the loss. (With
+                # the kernel's KL and logit guidance it already is: D is NaN only where a logit is,
+                # and then so is that position's KL, which the sum reads whatever its weight.)
                 term = term + 0.0 * d.sum()
             terms.append(term)
             total = term if total is None else total + term
@@ -256,5 +260,6 @@ class MaskedLogitsLoss(DistillationLoss):
         assert total is not None and n0 is not None
         scale = self.beta * self.temperature**2 / (n0 * positions)
         loss = scale * total
-        self._record({"total": loss, **{f"level{i}": scale * term for i, term in enumerate(terms)}})
+        levels = {f"level{i}": functools.partial(torch.mul, term.detach(), scale) for i, term in enumerate(terms)}
+        self._record({"total": loss, **levels})  # per-level parts computed only if read
         return loss

@@ -215,3 +215,33 @@ def test_can_run_limits():
     assert _per_image_extent(big) == 2 * 2**30 + (2**15 - 1) * 2**15 + 2**15 - 1 > _MAX_OFFSET
     assert _per_image_extent(x) == 3 * 4 * 5 - 1
     assert not can_run(torch.zeros(65536, 1).expand(65536, 1))  # batch beyond a grid axis
+
+
+@pytest.mark.parametrize("head", ["sigmoid", "softmax"])
+@pytest.mark.parametrize("where", ["student", "teacher"])
+def test_masked_logits_triton_keeps_nan_visible(head, where, kernel_calls):
+    """weights="mask": the kernel path drops the reference's ``0 * sum(D)`` term (its KL already
+    carries a NaN wherever D has one); a NaN logit must still make the loss NaN."""
+    s, t = _pair((2, 6, 4, 3), 9, grad=True)
+    with torch.no_grad():
+        (s if where == "student" else t)[1, 2, 3, 1] = float("nan")
+    kw = {"head": head, "num_classes": 3, "weights": "mask", "ratio_l": 0.5}
+    got = MaskedLogitsLoss(backend="triton", **kw)([s], [t])
+    ref = MaskedLogitsLoss(backend="torch", **kw)([s], [t])
+    assert kernel_calls["logits"] == 1
+    assert torch.isnan(ref) and torch.isnan(got)
+
+
+def test_logits_level_terms_are_computed_when_read(kernel_calls):
+    """Per-level parts are recorded lazily (no launch in the step) and read as the reference's."""
+    s, t = zip(*[_pair(sh, i, grad=True) for i, sh in enumerate([(2, 6, 5, 3), (2, 6, 2, 2)])])
+    tri = MaskedLogitsLoss(backend="triton", weights="mask")
+    ref = MaskedLogitsLoss(backend="torch", weights="mask")
+    tri(list(s), list(t))
+    ref(list(s), list(t))
+    got, want = tri.last_terms(), ref.last_terms()
+    assert set(got) == set(want) == {"total", "level0", "level1"}
+    for k in want:
+        assert isinstance(got[k], torch.Tensor) and not got[k].requires_grad
+        torch.testing.assert_close(got[k], want[k], rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(got["level0"] + got["level1"], got["total"], rtol=1e-6, atol=0)
