@@ -109,12 +109,12 @@ if HAS_TRITON:
             tl.store(idx_ptr + o_nchw, arg.to(idx_ptr.dtype.element_ty), mask=ok)
         if STATS:
             a = tl.where(ok, tl.abs(m), 0.0)
-            # partial means: one block or region needs no finishing launch (a precise division
-            # made the small-map fp32 variant spill at sm_90)
-            sp = tl.sum(a, axis=0) / (C * 1.0)  # (BH, BW)
+            # partial means: one block or region needs no finishing launch. One reciprocal per
+            # program and a multiply (an element-wise division made some variants spill at sm_90)
+            sp = tl.sum(a, axis=0) * (1.0 / (C * 1.0))  # (BH, BW)
             sp_off = ((n * n_cb + cb) * hs + oh[:, None]) * ws + ow[None, :]
             tl.store(sp_ptr + sp_off, sp, mask=pos_ok)
-            ch = tl.sum(tl.sum(a, axis=2), axis=1) / (hs * ws * 1.0)  # (BC,)
+            ch = tl.sum(tl.sum(a, axis=2), axis=1) * (1.0 / (hs * ws * 1.0))  # (BC,)
             tl.store(ch_ptr + (n * n_tiles + tile_id) * C + cs, ch, mask=cmask)
 
     @triton.jit
