@@ -65,6 +65,8 @@ if HAS_TRITON:
         idx_ptr,  # (N, C, hs, ws) contiguous, argmax offset di * S + dj in its window
         sp_ptr,  # (N, n_cb, hs, ws) float32: this channel block's sum of |t_s|, divided by C
         ch_ptr,  # (N, n_tiles, C) float32: this region's sum of |t_s|, divided by hs * ws
+        inv_c,  # 1 / C (float32, from the host: no division in the kernel)
+        inv_hw,  # 1 / (hs * ws) of this slot
         S: tl.constexpr,  # scale (window and stride)
         BH: tl.constexpr,
         BW: tl.constexpr,  # pow2 >= RH // S, RW // S
@@ -109,12 +111,12 @@ if HAS_TRITON:
             tl.store(idx_ptr + o_nchw, arg.to(idx_ptr.dtype.element_ty), mask=ok)
         if STATS:
             a = tl.where(ok, tl.abs(m), 0.0)
-            # partial means: one block or region needs no finishing launch. One reciprocal per
-            # program and a multiply (an element-wise division made some variants spill at sm_90)
-            sp = tl.sum(a, axis=0) * (1.0 / (C * 1.0))  # (BH, BW)
+            # partial means, by reciprocals from the host: one block or region needs no finishing
+            # launch (a division in the kernel made some variants spill at sm_90)
+            sp = tl.sum(a, axis=0) * inv_c  # (BH, BW)
             sp_off = ((n * n_cb + cb) * hs + oh[:, None]) * ws + ow[None, :]
             tl.store(sp_ptr + sp_off, sp, mask=pos_ok)
-            ch = tl.sum(tl.sum(a, axis=2), axis=1) * (1.0 / (hs * ws * 1.0))  # (BC,)
+            ch = tl.sum(tl.sum(a, axis=2), axis=1) * inv_hw  # (BC,)
             tl.store(ch_ptr + (n * n_tiles + tile_id) * C + cs, ch, mask=cmask)
 
     @triton.jit
@@ -144,6 +146,11 @@ if HAS_TRITON:
         ch1,
         ch2,
         ch3,  # per slot: (N, n_tiles, C) float32 (STATS)
+        inv_c,  # 1 / C
+        inv_hw0,
+        inv_hw1,
+        inv_hw2,
+        inv_hw3,  # per slot: 1 / (hs * ws)
         S0: tl.constexpr,
         S1: tl.constexpr,
         S2: tl.constexpr,
@@ -177,16 +184,20 @@ if HAS_TRITON:
         # fmt: off
         if S0 > 0:
             _pool_slot(x_base, sxc, sxh, sxw, n, C, H, W, cs, cmask, tile_h, tile_w, tile_id, cb, n_cb, n_tiles,
-                       out0, idx0, sp0, ch0, S0, BH0, BW0, RH, RW, BC, OUT_CL, STATS, ARGMAX)
+                       out0, idx0, sp0, ch0, inv_c, inv_hw0, S0, BH0, BW0, RH, RW, BC, OUT_CL, STATS,
+                       ARGMAX)
         if S1 > 0:
             _pool_slot(x_base, sxc, sxh, sxw, n, C, H, W, cs, cmask, tile_h, tile_w, tile_id, cb, n_cb, n_tiles,
-                       out1, idx1, sp1, ch1, S1, BH1, BW1, RH, RW, BC, OUT_CL, STATS, ARGMAX)
+                       out1, idx1, sp1, ch1, inv_c, inv_hw1, S1, BH1, BW1, RH, RW, BC, OUT_CL, STATS,
+                       ARGMAX)
         if S2 > 0:
             _pool_slot(x_base, sxc, sxh, sxw, n, C, H, W, cs, cmask, tile_h, tile_w, tile_id, cb, n_cb, n_tiles,
-                       out2, idx2, sp2, ch2, S2, BH2, BW2, RH, RW, BC, OUT_CL, STATS, ARGMAX)
+                       out2, idx2, sp2, ch2, inv_c, inv_hw2, S2, BH2, BW2, RH, RW, BC, OUT_CL, STATS,
+                       ARGMAX)
         if S3 > 0:
             _pool_slot(x_base, sxc, sxh, sxw, n, C, H, W, cs, cmask, tile_h, tile_w, tile_id, cb, n_cb, n_tiles,
-                       out3, idx3, sp3, ch3, S3, BH3, BW3, RH, RW, BC, OUT_CL, STATS, ARGMAX)
+                       out3, idx3, sp3, ch3, inv_c, inv_hw3, S3, BH3, BW3, RH, RW, BC, OUT_CL, STATS,
+                       ARGMAX)
         # fmt: on
 
     @triton.jit
@@ -344,6 +355,7 @@ def _pool_launch(
     dummy = torch.empty(1, device=x.device, dtype=torch.float32)
     results = []
     ptrs: list[list[Tensor]] = [[], [], [], []]
+    inv_hw = [1.0] * _SLOTS  # per slot: 1 / (hs * ws), for the partial means
     consts: dict[str, int] = {}
     for i in range(_SLOTS):
         s = group[i] if i < len(group) else 0
@@ -354,6 +366,7 @@ def _pool_launch(
             consts[f"BH{i}"] = consts[f"BW{i}"] = 1
             continue
         hs, ws = -(-h // s), -(-w // s)
+        inv_hw[i] = 1.0 / (hs * ws)
         consts[f"BH{i}"], consts[f"BW{i}"] = _pow2(rh // s), _pow2(rw // s)
         out = torch.empty((n, c, hs, ws), device=x.device, dtype=x.dtype, memory_format=fmt) if s > 1 else None
         idx_dtype = torch.int8 if s * s <= 127 else torch.int32
@@ -375,6 +388,8 @@ def _pool_launch(
             *ptrs[1],
             *ptrs[2],
             *ptrs[3],
+            1.0 / c,
+            *inv_hw,
             **consts,
             RH=rh,
             RW=rw,
