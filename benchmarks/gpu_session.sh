@@ -8,7 +8,8 @@
 # up, so pytest still writes what it measured; results.json is also rewritten after every row).
 # Stages:
 #   check    environment, then the CUDA kernel tests (tests/kernels: interpreter suites on CUDA,
-#            COCO-shape parity of every loss, the sm_90 compile check)
+#            COCO-shape parity of every loss, the sm_90 compile check), at most CHECK_SECONDS
+#            (default 300) so that the benchmark stages after it keep their time
 #   sanitize the interpreter-shape kernel tests (no fuzzing) under compute-sanitizer memcheck:
 #            out-of-bounds or misaligned accesses that the interpreter cannot see
 #   targets  RetinaNet shapes, bf16: the target workloads (FAMKD with FULL_METHOD, with and
@@ -57,7 +58,8 @@ for stage in "$@"; do
                 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem --format=csv
                 python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], '| torch', torch.__version__, '| triton', triton.__version__, '| cuda', torch.version.cuda, '|', torch.cuda.get_device_name())"
                 git rev-parse --short HEAD 2>/dev/null || true
-                timeout -s INT -k 20 "$(( $(left) - 15 ))" python3 -m pytest tests/kernels -q -p no:cacheprovider -n 8 \
+                cap=$(( $(left) - 15 )); (( cap > ${CHECK_SECONDS:-300} )) && cap=${CHECK_SECONDS:-300}
+                timeout -s INT -k 20 "$cap" python3 -m pytest tests/kernels -q -p no:cacheprovider -n 8 \
                     --junitxml "$out/$stage/junit.xml" -r fEs
             } 2>&1 | tee -a "$out/$stage.log"
             ;;
