@@ -8,7 +8,7 @@ an optional ``torch.Generator`` so that runs can be reproduced.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -84,20 +84,32 @@ def selection_keys(
 
 
 def select_mask(
-    scores: Tensor, ratio: float, mode: str = "topk", tau: float = 0.5, generator: torch.Generator | None = None
+    scores: Tensor,
+    ratio: float,
+    mode: str = "topk",
+    tau: float = 0.5,
+    generator: torch.Generator | None = None,
+    topk: Callable[..., Tensor] = topk_mask,
 ) -> Tensor:
-    """Mask of (N, M) scores under a mask mode (see `selection_keys`); float32 (N, M)."""
+    """Mask of (N, M) scores under a mask mode (see `selection_keys`); float32 (N, M).
+    ``topk``: the implementation of `topk_mask` to use (same signature and result)."""
     keys, largest = selection_keys(scores, mode, tau, generator)
-    return topk_mask(keys, ratio, largest=largest)
+    return topk(keys, ratio, largest=largest)
 
 
 def mask_from_saliency(
-    saliency: Tensor, ratio: float, mode: str = "topk", tau: float = 0.5, generator: torch.Generator | None = None
+    saliency: Tensor,
+    ratio: float,
+    mode: str = "topk",
+    tau: float = 0.5,
+    generator: torch.Generator | None = None,
+    topk: Callable[..., Tensor] = topk_mask,
 ) -> Tensor:
     """Mask ranked on a saliency map, same shape: (N, 1, H, W) hides positions, (N, C, 1, 1)
-    hides channels. float32. Softmax is monotonic, so ranking the saliency ranks the attention."""
+    hides channels. float32. Softmax is monotonic, so ranking the saliency ranks the attention.
+    ``topk`` as in `select_mask`."""
     n = saliency.shape[0]
-    return select_mask(saliency.reshape(n, -1), ratio, mode, tau, generator).reshape(saliency.shape)
+    return select_mask(saliency.reshape(n, -1), ratio, mode, tau, generator, topk).reshape(saliency.shape)
 
 
 def spatial_mask(

@@ -71,6 +71,18 @@ if HAS_TRITON:
         return off
 
     @triton.jit
+    def _tile(ROWS, COLS, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        """This program's tile of the (ROWS, COLS) memory order: row and column indices (int64),
+        the in-bounds mask and the element offsets. Tiles are numbered along grid axis 0 alone,
+        since the row and column tile counts may each exceed 65535."""
+        pid = tl.program_id(0).to(tl.int64)
+        col_tiles = tl.cdiv(COLS, BLOCK_C)
+        rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+        cols = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
+        valid = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
+        return rows, cols, valid, rows[:, None] * COLS + cols[None, :]
+
+    @triton.jit
     def _masked_fwd_kernel(
         x_ptr,  # [ROWS, COLS] x in its memory order (dense)
         m0_ptr,  # branch 0 mask: contiguous (N, HW) if SPATIAL0 else (N, C)
@@ -88,12 +100,7 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)  # one axis: row and column tiles may each exceed 65535
-        col_tiles = tl.cdiv(COLS, BLOCK_C)
-        rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-        valid = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
-        off = rows[:, None] * COLS + cols[None, :]
+        rows, cols, valid, off = _tile(ROWS, COLS, BLOCK_R, BLOCK_C)
         x = tl.load(x_ptr + off, mask=valid, other=0.0).to(tl.float32)
         m0 = tl.load(m0_ptr + _mask_offsets(rows, cols, C, HW, CHANNELS_LAST, SPATIAL0), mask=valid, other=0.0)
         tl.store(y0_ptr + off, (x * m0.to(tl.float32)).to(y0_ptr.dtype.element_ty), mask=valid)
@@ -120,12 +127,7 @@ if HAS_TRITON:
         BLOCK_R: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        pid = tl.program_id(0).to(tl.int64)  # one axis: row and column tiles may each exceed 65535
-        col_tiles = tl.cdiv(COLS, BLOCK_C)
-        rows = (pid // col_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
-        cols = (pid % col_tiles) * BLOCK_C + tl.arange(0, BLOCK_C)
-        valid = (rows < ROWS)[:, None] & (cols < COLS)[None, :]
-        off = rows[:, None] * COLS + cols[None, :]
+        rows, cols, valid, off = _tile(ROWS, COLS, BLOCK_R, BLOCK_C)
         dx = tl.zeros([BLOCK_R, BLOCK_C], dtype=tl.float32)
         if HAS_G0:
             g0 = tl.load(g0_ptr + off, mask=valid, other=0.0).to(tl.float32)

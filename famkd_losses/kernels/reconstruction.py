@@ -107,8 +107,9 @@ if HAS_TRITON:
         g1 = w1 * (d1 - mean)
         offs = tl.arange(0, OUT_BLOCK)
         first = row * NUM_BRANCHES
-        vals = tl.where(offs == first, g0, tl.where(offs == first + 1, g1, 0.0))
-        if NUM_BRANCHES == 1:
+        if NUM_BRANCHES == 2:
+            vals = tl.where(offs == first, g0, tl.where(offs == first + 1, g1, 0.0))
+        else:
             vals = tl.where(offs == first, g0, 0.0)
         tl.store(out_ptr + offs, vals.to(out_ptr.dtype.element_ty), mask=offs < TOTAL)
 
@@ -468,6 +469,5 @@ def fused_reconstruction_error(
     except RuntimeError:  # not broadcastable: let the reference raise its error
         return _scaled(scale, _reference(recons, fusion_logits, target, a_sp, a_ch))
     r1 = recons[1] if len(recons) == 2 else None
-    if row is None:
-        return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, fusion_logits, 0, recons[0], r1, scale)
-    return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, matrix, row, recons[0], r1, scale)
+    logits, row = (fusion_logits, 0) if row is None else (matrix, row)
+    return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, logits, row, recons[0], r1, scale)

@@ -26,8 +26,8 @@ from ..functional import (
     mask_from_saliency,
     max_pool,
     reconstruction_error,
-    selection_keys,
     teacher_pyramid,
+    topk_mask,
 )
 from ..functional._dtypes import acc_dtype
 from ._base import DistillationLoss
@@ -172,16 +172,13 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
     ) -> dict[str, Tensor]:
         """Each branch's mask from the pooled teacher's saliencies (no gradient). ``fused``: the
         top-k selection in one Triton launch (`famkd_losses.kernels.masking.topk_mask`)."""
+        topk = topk_mask
+        if fused:
+            from ..kernels.masking import topk_mask as topk
         masks = {}
         for b in self.branches:
             sal, ratio = (sp_sal, self.ratio_sp) if b == "spatial" else (ch_sal, self.ratio_ch)
-            if fused:
-                from ..kernels.masking import topk_mask
-
-                keys, largest = selection_keys(sal.reshape(sal.shape[0], -1), self.mask_mode, self.tau, generator)
-                masks[b] = topk_mask(keys, ratio, largest=largest).reshape(sal.shape)
-            else:
-                masks[b] = mask_from_saliency(sal, ratio, self.mask_mode, self.tau, generator)
+            masks[b] = mask_from_saliency(sal, ratio, self.mask_mode, self.tau, generator, topk)
         return masks
 
     def reconstruction_loss(self, x: Tensor, t_feat: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
