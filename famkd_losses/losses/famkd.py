@@ -34,30 +34,80 @@ class FAMKDLoss(DistillationLoss):
 
     ``loss = sum_l ScaleAwareMaskedFeatureLoss_l(S_l, T_l) + MaskedLogitsLoss(Z_S, Z_T)``
 
-    Args:
-        student_channels: Cs per level, e.g. ``[128] * 5`` (an int: one level).
-        teacher_channels: Ct per level, e.g. ``[256] * 5`` (an int: one level).
-        seed: seed of the random mask modes; level l uses ``seed + l``.
-        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (see the README).
+    The feature options (``scales`` to ``resize_student``, and ``seed``) are passed to every
+    `ScaleAwareMaskedFeatureLoss`, the logits options (``head`` to ``num_classes``) to
+    `MaskedLogitsLoss`. The defaults are those of the part modules, the method's first reading,
+    except where the demo's ablation on its validation split chose otherwise: ``scales=(1,)``,
+    ``mask_mode="topk_nonsalient"``, ``ratio_sp=0.5``, ``ratio_ch=0.25``,
+    ``branches=("channel",)`` and ``weights="mask"``. ``FAMKDLoss(..., **FULL_METHOD)``
+    restores the first reading: the multi-scale, dual-branch method with salient top-k masks
+    and soft logits weights.
 
-    The feature options ``scales``, ``mask_mode``, ``ratio_sp``, ``ratio_ch``, ``tau``,
-    ``branches``, ``weighting``, ``scale_weights``, ``alpha``, ``share_generators`` and
-    ``resize_student`` are passed to every `ScaleAwareMaskedFeatureLoss`; the logits options
-    ``head``, ``temperature``, ``guidance``, ``region_scales``, ``weights``, ``tau_w``,
-    ``ratio_l``, ``beta`` and ``num_classes`` to `MaskedLogitsLoss` (see those classes for
-    their meaning). Defaults: those of the part modules, except where the demo's ablation on
-    its validation split chose otherwise: ``scales=(1,)``, ``mask_mode="topk_nonsalient"``,
-    ``ratio_sp=0.5``, ``ratio_ch=0.25``, ``branches=("channel",)``, ``weights="mask"``
-    (``**FULL_METHOD`` gives the method's full multi-scale, dual-branch reading).
-    With ``guidance="feature"`` the logits of level l are guided
-    by ``align(S_l)`` and ``T_l``, so logits and features must come in the same number of levels.
+    Args:
+        student_channels: Cs per level, e.g. ``[128] * 5`` (an int: one level). A 1x1 align
+            conv maps a level to the teacher's width where Cs != Ct.
+        teacher_channels: Ct per level, e.g. ``[256] * 5`` (an int: one level), the width of
+            the generators; as many levels as ``student_channels``.
+        scales: max-pool windows of the scale-aware pyramid (kernel = stride = s,
+            ``ceil_mode``); ``(1,)`` is the level itself. A scale larger than ``min(H, W)`` of
+            a level is skipped on that level. ``FULL_METHOD``: ``(1, 2, 4)``.
+        mask_mode: which entries the masks hide, ranked by the teacher's saliency at each
+            scale: ``"topk_nonsalient"`` the least salient, ``"topk"`` the most salient
+            (``FULL_METHOD``), ``"sample"`` a draw in proportion to the attention (Gumbel-top-k,
+            exactly the ratio's count), ``"random"`` a uniform subset (MGD-like).
+        ratio_sp: fraction of positions hidden by the spatial branch, in [0, 1):
+            ``round(ratio_sp * H * W)`` per image, rounding half up. ``FULL_METHOD``: 0.65
+            (MGD's).
+        ratio_ch: fraction of channels hidden by the channel branch, in [0, 1).
+            ``FULL_METHOD``: 0.5.
+        tau: temperature of the teacher attention (FGD's).
+        branches: ``"channel"`` or ``"spatial"`` alone (no fusion weights), or
+            ``("spatial", "channel")`` fused per scale with learnable weights
+            ``softmax(theta_s)`` (``FULL_METHOD``).
+        weighting: ``"none"``, or ``"attention"``: the squared error is weighted by
+            ``A_sp * A_ch`` of the teacher (FGD-style).
+        scale_weights: one non-negative weight per scale; ``None`` gives 1 to every scale.
+        alpha: weight of the feature part, in MGD's convention (squared error summed over C,
+            H, W and divided by N, hence tiny): 2e-5 for one-stage, 5e-7 for two-stage
+            detectors.
+        share_generators: one generator per branch and level, shared by all scales, or
+            (``False``) one per branch, level and scale.
+        resize_student: resize the student bilinearly to the teacher's size where the spatial
+            sizes differ; if ``False``, a mismatch is an error.
+        seed: seed of the random mask modes (``"sample"``, ``"random"``); level l uses
+            ``seed + l``. ``None`` draws from the global generator.
+        head: ``"sigmoid"``: the per-class binary KL (dense detectors); ``"softmax"``:
+            Hinton's KL over the K classes of each anchor (e.g. an RoI classifier's (P, K+1)
+            logits).
+        temperature: KD temperature t (> 0); the logits part carries a ``t^2`` factor.
+        guidance: the map D of where teacher and student disagree: ``"logit"``,
+            ``D = mean_{a,k} |p - q|`` (the paper's original version), or ``"feature"``,
+            ``D = mean_c (T_l - align(S_l))^2`` (the revision), for which logits and features
+            must come in the same number of levels.
+        region_scales: if given, region-aware guidance: D averaged over max-pooled and
+            upsampled copies of itself at these scales (needs dense logits or feature
+            guidance).
+        weights: the detached weight map W of the logits KL: ``"mask"``, 1 on the top
+            ``ratio_l`` positions by D and 0 elsewhere, or ``"soft"``,
+            ``W = P * softmax_p(D / tau_w)`` with mean 1 (``FULL_METHOD``).
+        tau_w: temperature of the soft weights (``|p - q|`` lies in [0, 1]).
+        ratio_l: fraction of positions kept by the mask weights, in [0, 1).
+        beta: weight of the logits part.
+        num_classes: K, to split the channels ``A*K`` of dense logits into anchors and
+            classes. Required by the softmax head on dense logits; with the sigmoid head it
+            only checks that the channels are a multiple of K.
+        backend: ``"auto"``: the fused Triton kernels on CUDA tensors when triton is
+            importable, the PyTorch reference otherwise; ``"torch"``: the reference;
+            ``"compile"``: ``torch.compile`` of the reference; ``"triton"``: the kernels, or
+            an error where they cannot run.
 
     ``forward(s_feats, t_feats, s_logits=None, t_logits=None)``: features as sequences (or
     mappings, such as torchvision's FPN output) of (N, C_l, H_l, W_l) maps; logits optional
-    (feature-only distillation when both are ``None``). Returns a float32 scalar (float64 for
-    float64 inputs). `last_terms` gives its parts: ``"total"``, ``"feature"``,
-    ``"feature/level{l}"``, ``"feature/level{l}/scale{s}"`` (the contribution of each scale
-    used) and, with logits, ``"logits"`` and ``"logits/level{l}"``.
+    (feature-only distillation when both are ``None``), one dense (N, A*K, H_l, W_l) or
+    flattened (N, P_l, K) map per level. Returns a float32 scalar (float64 for float64
+    inputs). `last_terms` gives its parts: ``"total"``, ``"feature"``, ``"feature/level{l}"``,
+    ``"feature/level{l}/scale{s}"`` (the contribution of each scale used) and, with logits,
+    ``"logits"`` and ``"logits/level{l}"``.
     """
 
     def __init__(
