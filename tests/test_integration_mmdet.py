@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 import math
+import re
 import subprocess
 import sys
 import uuid
@@ -515,3 +516,186 @@ def test_per_level_layout_with_record_idx_and_fgd_with_data_samples():
     assert len(out) == 6 and all(torch.isfinite(v) and v > 0 for v in out.values())
     (det + sum(out.values())).backward()
     assert student.neck.fpn_convs[4].weight.grad.abs().sum() > 0
+
+
+# ---- the real packages: mmdet 3.3.0 and mmrazor 1.0.0 ------------------------------------------
+# Tiny RetinaNets built from mmdet's own retinanet_r18_fpn_1x_coco.py (random weights, no downloads):
+# the teacher's FPN and head are 64 channels wide, the student's 32, so every loss has real align convs.
+
+OPENMMLAB_SKIP = (
+    "mmdet 3.3.0 / mmrazor 1.0.0 are not importable ({}); they need mmcv 2.1.0 built with its ops (the package "
+    "index has only its sdist) and mmrazor patched for torch 2.14 (examples/mmrazor/mmrazor-1.0.0-torch214.patch): "
+    "see docs/guides/mmdetection.md"
+)
+STUDENT_CH, TEACHER_CH = 32, 64
+RETINA_CFG = "mmdet::retinanet/retinanet_r18_fpn_1x_coco.py"
+
+
+@pytest.fixture(scope="module")
+def openmmlab():
+    """mmdet's and mmrazor's ``MODELS`` registries, or a skip saying what is missing."""
+    for name in ("pkg_resources", "mmcv.ops", "mmdet.models", "mmrazor.models"):
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            pytest.skip(OPENMMLAB_SKIP.format(f"import {name}: {err}"))
+    from mmdet.registry import MODELS as MMDET_MODELS
+    from mmrazor.registry import MODELS as RAZOR_MODELS
+
+    return MMDET_MODELS, RAZOR_MODELS
+
+
+def _retinanet_cfg(channels: int) -> dict:
+    """mmdet's RetinaNet-R18 config: K classes, FPN and head ``channels`` wide, no pretrained backbone."""
+    from mmengine.hub import get_config
+
+    model = get_config(RETINA_CFG).model.to_dict()
+    model["backbone"].update(init_cfg=None, norm_eval=False)  # BN statistics move in train mode
+    model["neck"]["out_channels"] = channels
+    model["bbox_head"].update(num_classes=K, in_channels=channels, feat_channels=channels, stacked_convs=1)
+    return model
+
+
+def _from(student: bool, recorder: str, data_idx: int | None = None) -> dict:
+    """One ``loss_forward_mappings`` entry."""
+    entry = dict(from_student=student, recorder=recorder)
+    return entry if data_idx is None else dict(entry, data_idx=data_idx)
+
+
+def _distill_model_cfg() -> dict:
+    """SingleTeacherDistill + ConfigurableDistiller with FAMKD (features, class logits), our MGD, FGD (data_samples)."""
+    recorders = dict(fpn=dict(type="ModuleOutputs", source="neck"), cls=dict(type="ModuleOutputs", source="bbox_head"))
+    channels = dict(student_channels=[STUDENT_CH] * 5, teacher_channels=[TEACHER_CH] * 5)
+    feats = dict(s_feats=_from(True, "fpn"), t_feats=_from(False, "fpn"))
+    return dict(
+        _scope_="mmrazor",
+        type="SingleTeacherDistill",
+        architecture=dict(_retinanet_cfg(STUDENT_CH), _scope_="mmdet"),
+        teacher=dict(_retinanet_cfg(TEACHER_CH), _scope_="mmdet"),
+        distiller=dict(
+            type="ConfigurableDistiller",
+            # the whole detector's inputs are (batch_inputs, data_samples)
+            student_recorders=dict(recorders, inputs=dict(type="ModuleInputs", source="")),
+            teacher_recorders=recorders,
+            distill_losses=dict(
+                loss_famkd=dict(type="FAMKDLoss", **channels, alpha=2e-5, num_classes=K),
+                loss_mgd=dict(type="mmengine.MGDLoss", **channels, alpha=2e-5),  # mmrazor has an MGDLoss too
+                loss_fgd=dict(type="FGDLoss", **channels),
+            ),
+            loss_forward_mappings=dict(
+                loss_famkd=dict(
+                    feats, s_logits=_from(True, "cls", data_idx=0), t_logits=_from(False, "cls", data_idx=0)
+                ),
+                loss_mgd=feats,
+                loss_fgd=dict(feats, data_samples=_from(True, "inputs", data_idx=1)),
+            ),
+        ),
+    )
+
+
+def _det_batch(seed: int = 0) -> dict:
+    """Two images of different sizes with boxes, as mmdet's PackDetInputs gives them (uint8 BGR, CHW)."""
+    from mmdet.structures import DetDataSample
+    from mmdet.structures.bbox import HorizontalBoxes
+
+    g = torch.Generator().manual_seed(seed)
+    items = [
+        ((96, 128), [[4.0, 6.0, 40.0, 50.0], [50.0, 20.0, 120.0, 90.0]], [0, 2]),
+        ((128, 80), [[10.0, 12.0, 70.0, 100.0]], [1]),
+    ]
+    inputs, samples = [], []
+    for (h, w), boxes, labels in items:
+        inputs.append(torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8))
+        sample = DetDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w), scale_factor=(1.0, 1.0)))
+        sample.gt_instances = InstanceData(bboxes=HorizontalBoxes(torch.tensor(boxes)), labels=torch.tensor(labels))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def _state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _changed(after: dict, before: dict, keys=None) -> list[str]:
+    return [k for k in (before if keys is None else keys) if not torch.equal(after[k], before[k])]
+
+
+def test_real_registries_clash_only_on_mgd_and_pkd(openmmlab):
+    mmdet_models, razor_models = openmmlab
+    mmdet_models.import_from_location()
+    razor_models.import_from_location()
+    assert sorted(set(NAMES) & set(razor_models.module_dict)) == ["MGDLoss", "PKDLoss"]
+    assert not set(NAMES) & set(mmdet_models.module_dict)
+    for name in NAMES:  # what a config under _scope_="mmrazor" / "mmdet" gets
+        ours = mm.loss_classes()[name]
+        assert (razor_models.get(name) is ours) == (name not in ("MGDLoss", "PKDLoss"))
+        assert razor_models.get(f"mmengine.{name}") is ours and mmdet_models.get(name) is ours
+
+
+def test_real_single_teacher_distill_step(openmmlab):
+    _, razor_models = openmmlab
+    torch.manual_seed(0)
+    algo = razor_models.build(_distill_model_cfg())
+    student, teacher, losses = algo.student, algo.teacher, algo.distiller.distill_losses
+    assert type(student).__name__ == type(teacher).__name__ == "RetinaNet"
+    assert type(losses["loss_famkd"]) is famkd_losses.FAMKDLoss
+    assert type(losses["loss_mgd"]) is famkd_losses.MGDLoss  # ours, not mmrazor's
+    assert type(losses["loss_fgd"]) is mm.MMDetFGDLoss
+    aligns = [m.align for m in [*losses["loss_famkd"].feature_losses, *losses["loss_mgd"].levels]]
+    aligns += [m.align for m in losses["loss_fgd"].levels]
+    assert len(aligns) == 15 and all(isinstance(a, nn.Conv2d) and a.in_channels == STUDENT_CH for a in aligns)
+    trainable = [n for n, p in algo.named_parameters() if p.requires_grad]
+    assert trainable and not any(n.startswith("teacher.") for n in trainable)
+    # mmdet's config freezes the stem and the first stage (frozen_stages=1): everything else trains
+    assert any(n.startswith("architecture.backbone.layer2.") for n in trainable)
+    assert any(n.startswith("distiller.distill_losses.loss_fgd.") for n in trainable)
+    optimizer = torch.optim.SGD([p for p in algo.parameters() if p.requires_grad], lr=0.01)
+
+    algo.train()  # SingleTeacherDistill puts the teacher's BN layers back in eval mode
+    teacher_before, student_before = _state(teacher), _state(student)
+    data = algo.data_preprocessor(_det_batch(), True)
+    assert mm.boxes_from_data_samples(data["data_samples"])[1] == (128, 128)  # both padded to a multiple of 32
+    loss_dict = algo(**data, mode="loss")
+    total, log_vars = algo.parse_losses(loss_dict)
+    log_vars = {k: float(v.detach()) for k, v in log_vars.items()}
+    distill = ["distill.loss_famkd", "distill.loss_mgd", "distill.loss_fgd"]
+    assert set(distill) | {"student.loss_cls", "student.loss_bbox"} <= set(log_vars)
+    assert all(math.isfinite(log_vars[k]) and log_vars[k] > 0 for k in distill), log_vars
+    assert torch.isfinite(total)
+    famkd_terms = losses["loss_famkd"].last_terms(as_float=True)
+    assert famkd_terms["feature"] > 0 and famkd_terms["logits"] > 0
+    fgd_terms = losses["loss_fgd"].last_terms(as_float=True)
+    assert fgd_terms["level0/fg"] > 0 and fgd_terms["level0/bg"] > 0  # the data samples' boxes mark part of P3
+
+    # the distillation losses alone reach the student's FPN and class branch, not its box branch
+    head = student.bbox_head
+    probe = [student.neck.fpn_convs[0].conv.weight, head.retina_cls.weight, head.retina_reg.weight]
+    grads = torch.autograd.grad(sum(loss_dict[k] for k in distill), probe, retain_graph=True, allow_unused=True)
+    assert grads[0].abs().sum() > 0 and grads[1].abs().sum() > 0 and grads[2] is None
+
+    optimizer.zero_grad()
+    total.backward()
+    assert not [n for n, p in algo.named_parameters() if p.requires_grad and p.grad is None]
+    assert all(p.grad is None for p in teacher.parameters())
+    # zero exactly where the official FGD initialisation makes it so: each context branch's last conv starts
+    # at zero, so the attention conv and the layers before it get no gradient on the first step
+    zero = {n for n, p in algo.named_parameters() if p.requires_grad and not p.grad.abs().sum()}
+    context = re.compile(r"distiller\.distill_losses\.loss_fgd\.levels\.\d\.(conv_mask_.|channel_add_conv_.\.[01])\.")
+    assert zero == {n for n in trainable if context.match(n)} and len(zero) == 5 * 2 * 6, sorted(zero)
+    optimizer.step()
+    bn_stats = [k for k in teacher_before if k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert len(bn_stats) > 20
+    assert not _changed(_state(teacher), teacher_before)  # weights and BN statistics
+    assert _changed(_state(student), student_before)
+    # the same comparison sees the student's BN statistics move (norm_eval=False): the teacher's would show
+    assert _changed(_state(student), student_before, [k for k in student_before if k.endswith("running_mean")])
+
+    # a second step: now the context branches get gradients too, except where they cannot: the attention
+    # conv's bias (a softmax over positions ignores a constant) and, on P7's 1 x 1 map, its weight
+    optimizer.zero_grad()
+    algo.parse_losses(algo(**data, mode="loss"))[0].backward()
+    params = dict(algo.named_parameters())
+    exempt = {n for n in zero if (n.endswith(".bias") and "conv_mask_" in n) or ".levels.4.conv_mask_" in n}
+    assert len(exempt) == 12
+    assert all(params[n].grad.abs().sum() > 0 for n in zero - exempt)
+    assert all(p.grad is None for p in teacher.parameters())
