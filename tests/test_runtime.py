@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import Tensor, nn
 
 from famkd_losses import FULL_METHOD, CWDLoss, FAMKDLoss, FGDLoss, KDLoss, MaskedLogitsLoss, MGDLoss, PKDLoss
@@ -425,41 +427,56 @@ DDP_BATCH = 4
 DDP_STEPS = 2  # the second step also proves that every parameter took part (DDP checks it)
 
 
-class _Student(nn.Module):
-    """A student conv producing two FPN-like levels, and a shared 1x1 logits head."""
+# name: (input side, levels, FAMKDLoss options); level l is (side / 2^l) square
+DDP_CONFIGS = {
+    "default": (8, 2, {}),
+    # 4x4, 2x2 and 1x1 levels: the per-scale generators of the scales that a level is too small
+    # for take part through a zero term (DDP fails on the second step otherwise)
+    "full_unshared_small_levels": (4, 3, {**FULL_METHOD, "share_generators": False}),
+}
 
-    def __init__(self) -> None:
+
+class _Student(nn.Module):
+    """A student conv producing FPN-like levels (each max-pools the last), and a shared 1x1 logits head."""
+
+    def __init__(self, levels: int = 2) -> None:
         super().__init__()
+        self.levels = levels
         self.stem = nn.Conv2d(3, S_CH[0], 3, padding=1)
         self.head = nn.Conv2d(S_CH[0], LOGIT_CH, 1)
 
     def forward(self, img: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        f0 = self.stem(img)
-        f1 = F.max_pool2d(f0, 2)
-        return [f0, f1], [self.head(f0), self.head(f1)]
+        feats = [self.stem(img)]
+        for _ in range(self.levels - 1):
+            feats.append(F.max_pool2d(feats[-1], 2))
+        return feats, [self.head(f) for f in feats]
 
 
 class _Distiller(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, config: str = "default") -> None:
         super().__init__()
-        self.student = _Student()
-        self.distill = FAMKDLoss([S_CH[0], S_CH[0]], T_CH)
+        _, levels, options = DDP_CONFIGS[config]
+        self.student = _Student(levels)
+        self.distill = FAMKDLoss([S_CH[0]] * levels, [T_CH[0]] * levels, **options)
 
     def forward(self, img: Tensor, t_feats: list[Tensor], t_logits: list[Tensor]) -> Tensor:
         s_feats, s_logits = self.student(img)
         return self.distill(s_feats, t_feats, s_logits, t_logits)
 
 
-def _ddp_data() -> dict:
+def _ddp_data(config: str) -> dict:
     torch.manual_seed(PARAM_SEED)
-    model = _Distiller().double()
+    model = _Distiller(config).double()
     g = torch.Generator().manual_seed(7)
-    h, w = SIZES[0]
+    side, levels, _ = DDP_CONFIGS[config]
+    sizes = [(side >> level, side >> level) for level in range(levels)]
+    c = T_CH[0]
     return {
+        "config": config,
         "state": model.state_dict(),
-        "img": torch.randn(DDP_BATCH, 3, h, w, generator=g, dtype=torch.float64),
-        "t_feats": [torch.randn(DDP_BATCH, c, *hw, generator=g, dtype=torch.float64) for c, hw in zip(T_CH, SIZES)],
-        "t_logits": [2 * torch.randn(DDP_BATCH, LOGIT_CH, *hw, generator=g, dtype=torch.float64) for hw in SIZES],
+        "img": torch.randn(DDP_BATCH, 3, side, side, generator=g, dtype=torch.float64),
+        "t_feats": [torch.randn(DDP_BATCH, c, *hw, generator=g, dtype=torch.float64) for hw in sizes],
+        "t_logits": [2 * torch.randn(DDP_BATCH, LOGIT_CH, *hw, generator=g, dtype=torch.float64) for hw in sizes],
     }
 
 
@@ -497,9 +514,9 @@ def _ddp_worker(rank: int, world_size: int, tmp_dir: str) -> None:
     )
     try:
         data = torch.load(tmp / "data.pt")
-        model = _Distiller().double()
+        model = _Distiller(data["config"]).double()
         model.load_state_dict(data["state"])
-        ddp = DistributedDataParallel(model)
+        ddp = DistributedDataParallel(model, find_unused_parameters=False)  # the default, stated
         per_rank = DDP_BATCH // world_size
         result = _train(ddp, model, data, slice(rank * per_rank, (rank + 1) * per_rank))
         torch.save(result, tmp / f"rank{rank}.pt")
@@ -508,11 +525,14 @@ def _ddp_worker(rank: int, world_size: int, tmp_dir: str) -> None:
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
-    """Two gloo ranks on CPU, each with half of a batch of 4, float64: after backward every
-    gradient (student conv and head; align convs, generators and fusion_logits of the loss)
-    equals the single-process gradient on the whole batch (rtol 1e-5), over two SGD steps; the
-    mean of the ranks' losses is the whole-batch loss."""
+@pytest.mark.parametrize("config", list(DDP_CONFIGS))
+def test_ddp_two_ranks_match_single_process(tmp_path: Path, config: str) -> None:
+    """Two gloo ranks on CPU, each with half of a batch of 4, float64, ``find_unused_parameters=False``:
+    after backward every gradient (student conv and head; align convs, generators and
+    fusion_logits of the loss) equals the single-process gradient on the whole batch (rtol
+    1e-5), over two SGD steps; the mean of the ranks' losses is the whole-batch loss. Configs:
+    the defaults on 8x8 and 4x4 levels, and ``**FULL_METHOD, share_generators=False`` on 4x4,
+    2x2 and 1x1 levels (scales 2 and 4 do not fit every level)."""
     import torch.distributed as dist
 
     if not dist.is_available():
@@ -521,7 +541,7 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
         pytest.skip("the gloo backend is not available in this build")
     import torch.multiprocessing as mp
 
-    data = _ddp_data()
+    data = _ddp_data(config)
     torch.save(data, tmp_path / "data.pt")
     ctx = mp.start_processes(_ddp_worker, args=(2, str(tmp_path)), nprocs=2, join=False, start_method="spawn")
     deadline = time.monotonic() + DDP_TIMEOUT_S
@@ -535,7 +555,7 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
                 p.terminate()
                 p.join(5)
 
-    model = _Distiller().double()
+    model = _Distiller(config).double()
     model.load_state_dict(data["state"])
     ref = _train(model, model, data, slice(0, DDP_BATCH))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -556,6 +576,169 @@ def test_ddp_two_ranks_match_single_process(tmp_path: Path) -> None:
                     atol=1e-8 * want.abs().max().item(),
                     msg=lambda m, n=name, r=r, s=step: f"step {s} rank {r} {n}: {m}",
                 )
+
+
+# Every parameter takes part in every step (what DDP with find_unused_parameters=False needs),
+# whatever the configuration and however small the levels: a parameter with no gradient after
+# backward is one DDP waits for forever.
+
+_sides = st.sampled_from([1, 2, 3, 4, 5])
+_level_sizes = st.lists(st.tuples(_sides, _sides), min_size=1, max_size=3)
+
+
+def _level_inputs(g: torch.Generator, n: int, s_ch: list[int], t_ch: list[int], sizes: list[tuple[int, int]]):
+    s = [torch.randn(n, c, h, w, generator=g).requires_grad_() for c, (h, w) in zip(s_ch, sizes)]
+    t = [torch.randn(n, c, h, w, generator=g) for c, (h, w) in zip(t_ch, sizes)]
+    return s, t
+
+
+def _assert_every_parameter_has_a_gradient(module: nn.Module, loss: Tensor, students: list[Tensor]) -> None:
+    assert torch.isfinite(loss)
+    loss.backward()
+    missing = [name for name, p in module.named_parameters() if p.grad is None]
+    assert not missing, f"no gradient for {missing}"
+    assert all(x.grad is not None for x in students)
+
+
+@settings(max_examples=60)
+@given(
+    sizes=_level_sizes,
+    scales=st.sampled_from([(1,), (1, 2, 4), (2, 4), (4,), (1, 3)]),
+    share=st.booleans(),
+    branches=st.sampled_from([("spatial", "channel"), ("spatial",), ("channel",)]),
+    mask_mode=st.sampled_from(["topk", "topk_nonsalient", "sample", "random"]),
+    weighting=st.sampled_from(["none", "attention"]),
+    logits=st.sampled_from([None, "logit", "feature"]),
+    n=st.integers(1, 2),
+)
+def test_famkd_every_parameter_gets_a_gradient(sizes, scales, share, branches, mask_mode, weighting, logits, n):
+    """FAMKDLoss in any configuration, levels from 1x1 to 5x5 (many smaller than some or every
+    scale): after backward every parameter (align convs, every generator, fusion weights) has a
+    gradient, and the loss is the one without the zero terms that reach the skipped ones."""
+    s_ch, t_ch = [3] * len(sizes), [4] * len(sizes)
+    torch.manual_seed(0)
+    opts = {"scales": scales, "share_generators": share, "branches": branches, "mask_mode": mask_mode}
+    loss_mod = FAMKDLoss(s_ch, t_ch, weighting=weighting, guidance=logits or "logit", seed=3, **opts)
+    g = torch.Generator().manual_seed(len(sizes))
+    s, t = _level_inputs(g, n, s_ch, t_ch, sizes)
+    args = []
+    if logits is not None:
+        args = [[torch.randn(n, 2, h, w, generator=g, requires_grad=True) for h, w in sizes]]
+        args.append([2 * torch.randn(n, 2, h, w, generator=g) for h, w in sizes])
+    loss = loss_mod(s, t, *args)
+    _assert_every_parameter_has_a_gradient(loss_mod, loss, s)
+    terms = loss_mod.last_terms()
+    want = terms["feature"] + (terms["logits"] if logits is not None else 0.0)
+    torch.testing.assert_close(loss.detach(), want, rtol=0.0, atol=0.0)
+    parts = sum(v for k, v in terms.items() if k.count("/") == 2)  # feature/level{l}/scale{s}
+    torch.testing.assert_close(terms["feature"], torch.as_tensor(parts, dtype=loss.dtype), rtol=1e-6, atol=0.0)
+
+
+@settings(max_examples=30)
+@given(sizes=_level_sizes, mask=st.sampled_from(["spatial", "channel"]), seeded=st.booleans())
+def test_mgd_every_parameter_gets_a_gradient(sizes, mask, seeded):
+    s_ch, t_ch = [3] * len(sizes), [4] * len(sizes)
+    loss_mod = MGDLoss(s_ch, t_ch, mask=mask, seed=5 if seeded else None)
+    s, t = _level_inputs(torch.Generator().manual_seed(1), 2, s_ch, t_ch, sizes)
+    _assert_every_parameter_has_a_gradient(loss_mod, loss_mod(s, t), s)
+
+
+@settings(max_examples=30)
+@given(sizes=_level_sizes, boxes=st.sampled_from([[0, 0], [1, 0], [2, 3]]))
+def test_fgd_every_parameter_gets_a_gradient(sizes, boxes):
+    s_ch, t_ch = [3] * len(sizes), [4] * len(sizes)
+    loss_mod = FGDLoss(s_ch, t_ch)
+    s, t = _level_inputs(torch.Generator().manual_seed(2), 2, s_ch, t_ch, sizes)
+    bx = [torch.tensor([[2.0, 3.0, 20.0, 30.0]] * k).reshape(-1, 4) for k in boxes]
+    _assert_every_parameter_has_a_gradient(loss_mod, loss_mod(s, t, bx, (32, 32)), s)
+
+
+def test_losses_without_parameters_have_none():
+    """PKD, CWD, KD and MaskedLogitsLoss have no parameters, so they cannot leave one out."""
+    for module in (PKDLoss(), CWDLoss(), KDLoss(), MaskedLogitsLoss()):
+        assert list(module.parameters()) == [], type(module).__name__
+
+
+_SMALL_LEVELS = [(4, 4), (2, 2), (1, 1)]
+_UNSHARED = {**FULL_METHOD, "share_generators": False}
+
+
+def _small_levels_case(backend: str, sizes: list[tuple[int, int]] = _SMALL_LEVELS, **options) -> Case:
+    levels = len(sizes)
+
+    def inputs(g: torch.Generator) -> tuple[list[Tensor], list[Tensor]]:
+        s, t = _level_inputs(g, N, [8] * levels, [16] * levels, sizes)
+        s = [x.detach() for x in s]
+        logits = [torch.randn(N, LOGIT_CH, h, w, generator=g) for h, w in sizes]
+        return s + logits, t + [2 * z for z in logits]
+
+    return Case(
+        f"famkd_unshared_{backend}",
+        lambda: FAMKDLoss([8] * levels, [16] * levels, backend=backend, **{**_UNSHARED, **options}),
+        inputs,
+        _famkd_call(levels),
+    )
+
+
+def test_skipped_generators_stay_out_of_the_value_and_of_nans() -> None:
+    """The zero terms that reach the skipped scales' generators read no value: the loss equals
+    the sum of the used scales' terms exactly, and a NaN in a skipped generator leaves it finite
+    (while a NaN in a used one makes it NaN, as before)."""
+    case = _small_levels_case("torch")
+    student, teacher = case.make_inputs()
+    module = case.build()
+    ref = _losses(case, module, student, teacher, 1)[0]
+    with torch.no_grad():
+        module.feature_losses[2].generators["spatial"][2][0].weight.fill_(float("nan"))  # scale 4 of 1x1
+        module.feature_losses[1].generators["channel"][2][2].bias.fill_(float("inf"))  # scale 4 of 2x2
+    torch.testing.assert_close(_losses(case, module, student, teacher, 1)[0], ref, rtol=0.0, atol=0.0)
+    with torch.no_grad():
+        module.feature_losses[2].generators["spatial"][0][0].weight.fill_(float("nan"))  # scale 1: used
+    assert torch.isnan(_losses(case, module, student, teacher, 1)[0])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_skipped_generators_get_zero_gradients(backend: str) -> None:
+    """``**FULL_METHOD, share_generators=False`` on 4x4, 2x2 and 1x1 levels, with the reference
+    and with the Triton kernels (interpreter on CPU): the skipped scales' generators get an
+    all-zero gradient, the others a non-zero one, and both backends agree."""
+    from famkd_losses.kernels import can_run
+
+    if backend == "triton" and not can_run(torch.zeros(1)):
+        pytest.skip("the Triton kernels need triton and TRITON_INTERPRET=1 on CPU")
+    case = _small_levels_case(backend)
+    student, teacher = case.make_inputs()
+    loss, grads = _run(case, case.build(), student, teacher)
+    for level, (h, w) in enumerate(_SMALL_LEVELS):
+        for i, scale in enumerate(FULL_METHOD["scales"]):
+            for b in FULL_METHOD["branches"]:
+                prefix = f"feature_losses.{level}.generators.{b}.{i}."
+                gen = [g for name, g in grads.items() if name.startswith(prefix)]
+                assert len(gen) == 4
+                if scale > min(h, w):  # skipped: exactly zero
+                    assert all(bool((g == 0).all()) for g in gen), f"level {level} scale {scale} {b}"
+                else:  # used: the last conv's bias sees the whole error
+                    assert grads[prefix + "2.bias"].abs().max() > 0, f"level {level} scale {scale} {b}"
+    if backend == "triton":
+        ref_loss, ref_grads = _run(case, _small_levels_case("torch").build(), student, teacher)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=0.0)
+        _assert_grads_close(grads, ref_grads, 1e-4, "triton vs torch, small levels")
+
+
+@pytest.mark.slow
+def test_compile_small_levels_every_parameter_gets_a_gradient(fresh_dynamo) -> None:
+    """``torch.compile(fullgraph=True)`` of ``**FULL_METHOD, share_generators=False`` with scales
+    (1, 2) on one 1x1 level (small, to keep the compile short): the zero terms trace, every
+    parameter gets a gradient, and loss and gradients match eager (rtol COMPILE_RTOL)."""
+    case = _small_levels_case("torch", [(1, 1)], scales=(1, 2))
+    eager = case.build()
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    student, teacher = case.make_inputs()
+    ref_loss, ref_grads = _run(case, eager, student, teacher)
+    loss, grads = _run(case, compiled, student, teacher)  # _run asserts that no gradient is missing
+    torch.testing.assert_close(loss, ref_loss, rtol=COMPILE_RTOL, atol=0.0)
+    _assert_grads_close(grads, ref_grads, COMPILE_RTOL, "compiled FAMKD, small levels")
 
 
 # --------------------------------------------------------------------------------------------

@@ -80,7 +80,9 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
     ``"scale{s}"``, the contribution of each scale used.
 
     Masks and attention carry no gradient; gradients reach the student, the align conv, the
-    generators and the fusion weights. A NaN/Inf in the teacher propagates into the loss
+    generators and the fusion weights. Every parameter gets a gradient on every call (a zero one
+    for the generators of scales that do not fit the map), so ``DistributedDataParallel`` with
+    ``find_unused_parameters=False`` works whatever the level sizes. A NaN/Inf in the teacher propagates into the loss
     (it is never masked out), so a broken teacher gives a non-finite loss, not a silent one.
     """
 
@@ -248,7 +250,24 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             keep = 0.0 * (t_feat.sum(dtype=acc) + x.sum(dtype=acc))
             total = keep if total is None else total + keep
         assert total is not None
+        for p in self._unused_parameters(used):
+            # An exact zero that reads no value (so a NaN in a parameter stays out of the loss),
+            # with a zero gradient: every parameter takes part in every step, as DDP requires.
+            total = total + p.reshape(-1)[:0].sum().to(total.dtype)
         return total, terms
+
+    def _unused_parameters(self, used: Sequence[int]) -> list[nn.Parameter]:
+        """The parameters that the scales ``used`` of this call do not reach: the generators of
+        skipped scales (one per scale when not shared), and every generator and the fusion
+        weights when no scale fits the map."""
+        if self.share_generators:
+            skipped = [] if used else [0]
+        else:
+            skipped = [i for i, s in enumerate(self.scales) if s not in used]
+        params = [p for i in skipped for b in self.branches for p in self._generator(b, i).parameters()]
+        if not used and self.fusion_logits is not None:
+            params.append(self.fusion_logits)
+        return params
 
     def forward(self, s_feat: Tensor, t_feat: Tensor) -> Tensor:
         """student (N, Cs, H, W), teacher (N, Ct, H, W) -> float32 scalar."""
