@@ -1082,6 +1082,36 @@ def _fgd_cases() -> list[Any]:
             pat("boxes[1] is on meta", "cpu"),
         ),
         case(
+            "FGD-box-nan-coordinate",
+            lambda: call1(S1, T1, [b[0], poison(b[1], (1, 1), NAN)]),
+            ValueError,
+            pat("boxes[1] (image 1) has a non-finite coordinate: box 1 is [1.0, nan, 5.0, 6.0]"),
+        ),
+        case(
+            "FGD-box-all-nan",
+            lambda: call1(S1, T1, [torch.full((1, 4), NAN), b[1]]),
+            ValueError,
+            pat("boxes[0] (image 0)", "box 0 is [nan, nan, nan, nan]"),
+        ),
+        case(
+            "FGD-box-inf-coordinate",
+            lambda: call1(S1, T1, [b[0], poison(b[1], (0, 2), INF)]),
+            ValueError,
+            pat("boxes[1] (image 1)", "box 0 is [8.0, 8.0, inf, 30.0]"),
+        ),
+        case(
+            "FGD-box-minus-inf-float16",
+            lambda: call1(S1, T1, [poison(b[0], (0, 0), -INF).half(), b[1]]),
+            ValueError,
+            pat("boxes[0] (image 0)", "box 0 is [-inf, 0.0, 8.0, 8.0]"),
+        ),
+        case(
+            "FGDx-box-nan-coordinate",
+            lambda: FGDLoss([CS] * 3, [CT] * 3)(S3, T3, [poison(b[0], (0, 3), NAN), b[1]], IMG),
+            ValueError,
+            pat("boxes[0] (image 0) has a non-finite coordinate", "box 0 is [0.0, 0.0, 8.0, nan]"),
+        ),
+        case(
             "FGD-lists-given-to-single-level",
             lambda: call1([S1], [T1]),
             TypeError,

@@ -64,9 +64,10 @@ class FGDLoss(DistillationLoss):
 
     ``forward(s_feat, t_feat, boxes, image_size)``: student (N, Cs, H, W), teacher
     (N, Ct, H, W); ``boxes`` N tensors (n_i, 4) of x1 y1 x2 y2 in input pixels (n_i may be
-    0: an all-background image); ``image_size`` the (H, W) of the padded input batch that the
-    map covers (the official code uses each image's unpadded size; the size the map covers is
-    what its cells mean). Multi-level losses take sequences of maps and the same boxes.
+    0: an all-background image; a NaN or Inf coordinate is an error); ``image_size`` the
+    (H, W) of the padded input batch that the map covers (the official code uses each image's
+    unpadded size; the size the map covers is what its cells mean). Multi-level losses take
+    sequences of maps and the same boxes.
 
     Layers are laid out and named as in the official code (``align``, ``conv_mask_s``,
     ``conv_mask_t``, ``channel_add_conv_s``, ``channel_add_conv_t``), so its checkpoints load.
@@ -172,6 +173,23 @@ class FGDLoss(DistillationLoss):
         ):
             raise ValueError(f"image_size must be (H, W) of the input, two positive numbers, got {image_size!r}")
 
+    @staticmethod
+    def _check_box_values(boxes: Sequence[Tensor]) -> None:
+        """Every box coordinate finite: a NaN or Inf corner would become an int64 extreme in the box
+        masks (a finite but meaningless loss). One read of all the boxes, so one synchronisation
+        when they are on the GPU; the image and the box are looked up only when one is bad."""
+        filled = [b.reshape(-1) for b in boxes if b.numel() > 0 and b.device.type != "meta"]
+        if not filled or bool(torch.isfinite(torch.cat(filled)).all()):
+            return
+        for i, b in enumerate(boxes):
+            bad = (~torch.isfinite(b)).any(dim=1).nonzero()
+            if bad.numel() > 0:
+                j = int(bad[0, 0])
+                raise ValueError(
+                    f"boxes[{i}] (image {i}) has a non-finite coordinate: box {j} is {b[j].tolist()} "
+                    "(x1, y1, x2, y2 in input pixels); drop or fix such boxes before the loss"
+                )
+
     def _level(
         self, s: Tensor, t: Tensor, boxes: Sequence[Tensor], image_size: Sequence[int], level: int | None
     ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -180,6 +198,8 @@ class FGDLoss(DistillationLoss):
         t = t.detach()
         n, _, h, w = t.shape
         self._check_boxes(boxes, image_size, n, t.device)
+        if level is None or level == 0:  # the same boxes serve every level: read them once
+            self._check_box_values(boxes)
 
         fused = use_triton(self.backend, s, t)
         if fused:
