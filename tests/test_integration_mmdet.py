@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
+import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -25,7 +27,7 @@ mmengine = pytest.importorskip(
     "mmengine", reason="mmengine is not installed (pip install famkd-losses[mmdet]); the mmdet integration is untested"
 )
 
-from mmengine import Config  # noqa: E402
+from mmengine import Config, ConfigDict  # noqa: E402
 from mmengine.registry import MODELS, DefaultScope, Registry  # noqa: E402
 from mmengine.structures import BaseDataElement, InstanceData  # noqa: E402
 from mmengine.utils import import_modules_from_strings  # noqa: E402
@@ -545,14 +547,15 @@ def openmmlab():
     return MMDET_MODELS, RAZOR_MODELS
 
 
-def _retinanet_cfg(channels: int) -> dict:
-    """mmdet's RetinaNet-R18 config: K classes, FPN and head ``channels`` wide, no pretrained backbone."""
+def _retinanet_cfg(channels: int):
+    """mmdet's RetinaNet-R18 config (a ``ConfigDict``): K classes, FPN and head ``channels`` wide, no pretrained
+    backbone."""
     from mmengine.hub import get_config
 
-    model = get_config(RETINA_CFG).model.to_dict()
-    model["backbone"].update(init_cfg=None, norm_eval=False)  # BN statistics move in train mode
-    model["neck"]["out_channels"] = channels
-    model["bbox_head"].update(num_classes=K, in_channels=channels, feat_channels=channels, stacked_convs=1)
+    model = get_config(RETINA_CFG).model
+    model.backbone.update(init_cfg=None, norm_eval=False)  # BN statistics move in train mode
+    model.neck.out_channels = channels
+    model.bbox_head.update(num_classes=K, in_channels=channels, feat_channels=channels, stacked_convs=1)
     return model
 
 
@@ -699,3 +702,146 @@ def test_real_single_teacher_distill_step(openmmlab):
     assert len(exempt) == 12
     assert all(params[n].grad.abs().sum() > 0 for n in zero - exempt)
     assert all(p.grad is None for p in teacher.parameters())
+
+
+def _tiny_coco(root: Path) -> None:
+    """Two random images with boxes, in COCO's format (classes a, b, c)."""
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    (root / "images").mkdir(parents=True)
+    items = [((96, 128), [[4, 6, 36, 44], [50, 20, 70, 70]], [1, 3]), ((128, 80), [[10, 12, 60, 88]], [2])]
+    images, annotations = [], []
+    for i, ((h, w), boxes, cats) in enumerate(items):
+        pixels = torch.randint(0, 256, (h, w, 3), generator=g, dtype=torch.uint8).numpy()
+        Image.fromarray(pixels).save(root / "images" / f"{i}.png")
+        images.append(dict(id=i, file_name=f"{i}.png", height=h, width=w))
+        for box, cat in zip(boxes, cats):
+            annotations.append(
+                dict(id=len(annotations), image_id=i, category_id=cat, bbox=box, area=box[2] * box[3], iscrowd=0)
+            )
+    categories = [dict(id=i + 1, name=name) for i, name in enumerate("abc")]
+    (root / "annotations.json").write_text(
+        json.dumps(dict(images=images, annotations=annotations, categories=categories))
+    )
+
+
+RUNNER_CFG = """\
+custom_imports = dict(imports=["famkd_losses.integrations.mmdet"], allow_failed_imports=False)
+default_scope = "mmdet"
+model = {model!r}
+train_dataloader = dict(
+    batch_size=1,
+    num_workers=0,
+    sampler=dict(type="InfiniteSampler", shuffle=False),
+    dataset=dict(
+        type="CocoDataset",
+        data_root={data_root!r},
+        ann_file="annotations.json",
+        data_prefix=dict(img="images/"),
+        metainfo=dict(classes=("a", "b", "c")),
+        pipeline=[
+            dict(type="LoadImageFromFile"),
+            dict(type="LoadAnnotations", with_bbox=True),
+            dict(type="Resize", scale=(128, 128), keep_ratio=True),
+            dict(type="RandomFlip", prob=0.5),
+            dict(type="PackDetInputs"),
+        ],
+    ),
+)
+train_cfg = dict(type="IterBasedTrainLoop", max_iters=2)
+optim_wrapper = dict(type="OptimWrapper", optimizer=dict(type="SGD", lr=0.01, momentum=0.9, weight_decay=1e-4))
+default_hooks = dict(
+    timer=dict(type="IterTimerHook"),
+    logger=dict(type="LoggerHook", interval=1),
+    param_scheduler=dict(type="ParamSchedulerHook"),
+    checkpoint=dict(type="CheckpointHook", interval=2, by_epoch=False),
+)
+log_processor = dict(by_epoch=False, window_size=1)
+visualizer = dict(type="DetLocalVisualizer", vis_backends=[dict(type="LocalVisBackend")])
+env_cfg = dict(mp_cfg=dict(mp_start_method="fork", opencv_num_threads=0), dist_cfg=dict(backend="gloo"))
+randomness = dict(seed=0)
+"""
+
+
+def _mmrazor_tool(*parts: str) -> str:
+    import mmrazor
+
+    return str(Path(mmrazor.__file__).parent.joinpath(".mim", "tools", *parts))
+
+
+@pytest.fixture(scope="module")
+def runner_run(openmmlab, tmp_path_factory) -> Path:
+    """mmrazor's tools/train.py, in a fresh interpreter, on a config file: 2 iterations, one checkpoint."""
+    root = tmp_path_factory.mktemp("mmrazor_runner")
+    _tiny_coco(root / "data")
+    cfg = root / "distill_tiny_retinanet.py"
+    model = ConfigDict(_distill_model_cfg()).to_dict()
+    cfg.write_text(RUNNER_CFG.format(model=model, data_root=str(root / "data")))
+    out = subprocess.run(
+        [sys.executable, _mmrazor_tool("train.py"), str(cfg), "--work-dir", str(root / "work")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert out.returncode == 0, (out.stdout + out.stderr)[-4000:]
+    return root / "work"
+
+
+def test_real_runner_trains_two_iterations_from_a_config_file(runner_run):
+    """The config's custom_imports is what registers the losses: train.py never imports famkd_losses."""
+    assert (runner_run / "iter_2.pth").is_file() and (runner_run / "last_checkpoint").is_file()
+    (scalars,) = runner_run.glob("*/vis_data/scalars.json")
+    logged = [json.loads(line) for line in scalars.read_text().splitlines()]
+    assert [r["iter"] for r in logged] == [1, 2]
+    for record in logged:
+        for key in ("distill.loss_famkd", "distill.loss_mgd", "distill.loss_fgd", "student.loss_cls", "loss"):
+            assert math.isfinite(record[key]) and record[key] > 0, (key, record)
+    ckpt = torch.load(runner_run / "iter_2.pth", map_location="cpu", weights_only=False)
+    state = ckpt["state_dict"]
+    assert ckpt["meta"]["iter"] == 2
+    # the loss modules' parameters are trained and saved with the student; the teacher is saved too
+    for prefix in (
+        "architecture.",
+        "teacher.",
+        "distiller.distill_losses.loss_famkd.",
+        "distiller.distill_losses.loss_fgd.",
+    ):
+        assert any(k.startswith(prefix) for k in state), prefix
+    assert state["distiller.distill_losses.loss_mgd.levels.0.align.weight"].shape == (TEACHER_CH, STUDENT_CH, 1, 1)
+
+
+def test_real_checkpoint_converts_to_a_plain_mmdet_student(openmmlab, runner_run, tmp_path):
+    mmdet_models, _ = openmmlab
+    # the converter's torch.load predates weights_only=True (torch >= 2.6), which rejects mmengine's HistoryBuffer
+    env = dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    tool = _mmrazor_tool("model_converters", "convert_kd_ckpt_to_student.py")
+    out = subprocess.run(
+        [sys.executable, tool, str(runner_run / "iter_2.pth"), "--out-path", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    converted = tmp_path / "iter_2_student.pth"
+    full = torch.load(runner_run / "iter_2.pth", map_location="cpu", weights_only=False)["state_dict"]
+
+    from mmengine.runner import load_checkpoint
+
+    torch.manual_seed(1)
+    student = mmdet_models.build(dict(_retinanet_cfg(STUDENT_CH), _scope_="mmdet"))
+    assert type(student).__name__ == "RetinaNet"
+    load_checkpoint(student, str(converted), map_location="cpu", strict=True)
+    state = student.state_dict()
+    assert set(state) == {k.removeprefix("architecture.") for k in full if k.startswith("architecture.")}
+    assert all(torch.equal(v, full["architecture." + k]) for k, v in state.items())
+
+    student.eval()
+    student.bbox_head.test_cfg.score_thr = 0.0  # an untrained focal-loss head scores about its 0.01 prior
+    batch = _det_batch()
+    with torch.no_grad():
+        (pred,) = student.test_step(dict(inputs=batch["inputs"][:1], data_samples=batch["data_samples"][:1]))
+    boxes = pred.pred_instances.bboxes
+    assert 0 < len(boxes) <= 100 and boxes.shape[1] == 4 and torch.isfinite(pred.pred_instances.scores).all()
