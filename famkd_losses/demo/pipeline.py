@@ -15,7 +15,15 @@ import torch
 from .data import DataConfig, DetectionSplit, make_dataset
 from .evaluate import AREA_RANGES, METRICS, evaluate, finite_metrics, mean_std
 from .methods import FAMKD_DEFAULTS, METHODS, build_distiller
-from .models import STUDENT, TEACHER, DetectorConfig, build_detector, num_parameters, positives_per_level
+from .models import (
+    STUDENT,
+    TEACHER,
+    BackboneConfig,
+    DetectorConfig,
+    build_detector,
+    num_parameters,
+    positives_per_level,
+)
 from .report import (
     pick_example_images,
     plot_ap,
@@ -127,11 +135,21 @@ def _split_stats(split: DetectionSplit) -> dict:
 
 
 class _Runner:
-    def __init__(self, cfg: DemoConfig, log: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        cfg: DemoConfig,
+        log: Callable[[str], None],
+        *,
+        teacher_backbone: BackboneConfig = TEACHER,
+        student_backbone: BackboneConfig = STUDENT,
+    ) -> None:
         self.cfg = cfg
         self.log = log
-        self.teacher_cfg = DetectorConfig(kind=cfg.detector, canvas=cfg.data.canvas, backbone=TEACHER)
-        self.student_cfg = DetectorConfig(kind=cfg.detector, canvas=cfg.data.canvas, backbone=STUDENT)
+        self.teacher_cfg = DetectorConfig(kind=cfg.detector, canvas=cfg.data.canvas, backbone=teacher_backbone)
+        self.student_cfg = DetectorConfig(kind=cfg.detector, canvas=cfg.data.canvas, backbone=student_backbone)
+
+    def build_student(self) -> torch.nn.Module:
+        return build_detector(self.student_cfg).to(self.cfg.device)
 
     def train_cfg(self, iterations: int, seed: int) -> TrainConfig:
         return TrainConfig(iterations=iterations, batch_size=self.cfg.batch_size, warmup=self.cfg.warmup, seed=seed)
@@ -147,11 +165,17 @@ class _Runner:
         options: dict | None = None,
         eval_splits: Sequence[str] = ("test",),
         desc: str | None = None,
+        eval_every: int = 0,
+        teacher_cache: Callable | None = None,
     ) -> dict:
+        """Train one student (alone, or with method ``key``) and evaluate it on ``eval_splits``.
+
+        ``eval_every > 0`` also scores it on the val split every ``eval_every`` iterations
+        (``run["eval_curve"]``); ``teacher_cache`` is handed to `train`."""
         cfg = self.cfg
         tcfg = self.train_cfg(cfg.student_iters, seed)
         torch.manual_seed(seed)
-        student = build_detector(self.student_cfg).to(cfg.device)
+        student = self.build_student()
         distiller = None
         if key in METHODS:
             ch_s = [self.student_cfg.backbone.fpn_channels] * 5
@@ -178,6 +202,9 @@ class _Runner:
             device=cfg.device,
             desc=desc or f"{key} (seed {seed})",
             progress=cfg.progress,
+            eval_every=eval_every,
+            evaluator=(lambda m: evaluate(m, splits["val"], cfg.data.canvas, cfg.device)) if eval_every else None,
+            teacher_cache=teacher_cache,
         )
         t0 = time.perf_counter()
         metrics = {name: evaluate(student, splits[name], cfg.data.canvas, cfg.device) for name in eval_splits}
@@ -190,6 +217,9 @@ class _Runner:
         }
         if "val" in metrics:
             run["val"] = metrics["val"]
+        if result.eval_curve:
+            run["eval_curve"] = result.eval_curve
+            run["eval_s"] += result.eval_s
         if distiller is not None:
             run["calibration"] = {
                 "weights": distiller.weights,

@@ -19,6 +19,9 @@ from .evaluate import AREA_RANGES, METRICS
 from .models import LEVEL_NAMES
 
 __all__ = [
+    "METHOD_COLORS",
+    "method_color",
+    "plot_val_curves",
     "results_markdown",
     "write_json",
     "plot_training_curves",
@@ -27,6 +30,26 @@ __all__ = [
     "plot_attention",
     "pick_example_images",
 ]
+
+
+# One colour per method in every figure of the demo (matplotlib's tab10 entries).
+METHOD_COLORS: dict[str, str] = {
+    "teacher": "tab:gray",
+    "student": "tab:blue",
+    "control": "tab:cyan",
+    "mgd": "tab:green",
+    "fgd": "tab:purple",
+    "cwd": "tab:olive",
+    "builtin": "tab:brown",
+    "famkd_feature": "tab:pink",
+    "famkd_logits": "tab:orange",
+    "famkd": "tab:red",
+}
+
+
+def method_color(key: str) -> str:
+    """The colour of method ``key`` (see `METHOD_COLORS`); black for an unknown key."""
+    return METHOD_COLORS.get(key, "black")
 
 
 def _fmt(mean: float, std: float | None, seeds: int) -> str:
@@ -369,3 +392,39 @@ def plot_attention(
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_val_curves(
+    curves: Sequence[tuple[str, str, Sequence[tuple[int, dict]], str]], path: Path, *, title: str, metric: str = "AP"
+) -> None:
+    """Val ``metric`` against iteration, one line per run: ``(method key, label, curve, role)``, a curve
+    being ``[(iteration, metrics), ...]``. A method's seeds share its colour and its legend entry;
+    runs of role ``"ablation"`` are dashed; the teacher is drawn on its own iteration axis (left)."""
+    plt = _plt()
+    fig, (ax_t, ax) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 2.2]})
+    seen: set[str] = set()
+    styles = ["--", ":", "-."]
+    ablations = 0
+    for key, label, curve, role in curves:
+        if not curve:
+            continue
+        its = [p[0] for p in curve]
+        vals = [p[1][metric] for p in curve]
+        target = ax_t if key == "teacher" else ax
+        if role == "ablation":
+            ls, legend = styles[ablations % len(styles)], label
+            ablations += 1
+        else:
+            ls, legend = "-", None if label in seen else label
+        seen.add(label)
+        target.plot(its, vals, ls=ls, marker="o", ms=3, lw=1.3, color=method_color(key), label=legend, alpha=0.9)
+    ax_t.set(title="teacher", xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
+    ax.set(title="students (one line per seed)", xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
+    for a in (ax_t, ax):
+        a.grid(alpha=0.3)
+        if a.get_legend_handles_labels()[0]:
+            a.legend(fontsize=8, loc="lower right")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

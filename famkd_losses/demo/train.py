@@ -15,7 +15,7 @@ import json
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -64,6 +64,9 @@ class TrainResult:
     kd_loss: list[float] = field(default_factory=list)  # per iteration (empty without a distiller)
     kd_terms: dict[str, list[float]] = field(default_factory=dict)
     step_s: list[float] = field(default_factory=list)  # wall time of each iteration
+    # (iteration, metrics) at each evaluation point of `train(..., eval_every=, evaluator=)`
+    eval_curve: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    eval_s: float = 0.0  # time spent in those evaluations (not in wall_s)
 
     @property
     def s_per_iter(self) -> float:
@@ -129,11 +132,18 @@ def train(
     device: str = "cpu",
     desc: str = "train",
     progress: bool = True,
+    eval_every: int = 0,
+    evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
+    teacher_cache: Callable[[Sequence[int]], DetectorOutputs] | None = None,
 ) -> TrainResult:
     """Train ``model`` (and the distiller's layers) in place for ``iterations`` (default ``cfg.iterations``).
 
     The schedule spans exactly ``iterations``; the batches are the first ``iterations`` of the
-    seed's order, so a longer run sees the same batches first.
+    seed's order, so a longer run sees the same batches first. With ``eval_every > 0``,
+    ``evaluator(model)`` runs after every ``eval_every``-th iteration and after the last one
+    (its time is kept out of ``wall_s``), and its results go to ``eval_curve``.
+    ``teacher_cache(idx)``, if given, returns the teacher's outputs of the canvases ``idx``
+    instead of running the teacher (the teacher is fixed and the data have no augmentation).
     """
     from tqdm.auto import tqdm
 
@@ -158,7 +168,7 @@ def train(
             det = sum(model(images, targets).values())
             loss = det
         else:
-            t_out = teacher_outputs(teacher, images, targets)
+            t_out = teacher_outputs(teacher, images, targets) if teacher_cache is None else teacher_cache(idx)
             with StudentTaps(model) as taps:
                 det = sum(model(images, targets).values())
             kd, terms = distiller(taps.outputs(), t_out)
@@ -177,6 +187,16 @@ def train(
         now = time.perf_counter()
         result.step_s.append(now - tick)
         tick = now
+        if evaluator is not None and eval_every > 0 and ((it + 1) % eval_every == 0 or it + 1 == n_iter):
+            t_eval = time.perf_counter()
+            result.eval_curve.append((it + 1, evaluator(model)))
+            model.train()
+            tick = time.perf_counter()
+            result.eval_s += tick - t_eval
+            bar.write(
+                f"  {desc}: iteration {it + 1}, "
+                + ", ".join(f"{k} {v:.1f}" for k, v in result.eval_curve[-1][1].items() if k in ("AP", "AP50"))
+            )
         if it % 20 == 0:
             post = {"det": f"{result.det_loss[-1]:.3f}"}
             if result.kd_loss:
@@ -184,7 +204,7 @@ def train(
             bar.set_postfix(post, refresh=False)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    result.wall_s = time.perf_counter() - start
+    result.wall_s = time.perf_counter() - start - result.eval_s
     bar.close()
     return result
 
@@ -205,9 +225,13 @@ def load_or_train_teacher(
     device: str = "cpu",
     progress: bool = True,
     log: Callable[[str], None] = print,
+    eval_every: int = 0,
+    evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
 ) -> tuple[nn.Module, dict]:
     """The teacher of these configs: loaded from ``cache_dir/teacher-<hash>.pt`` if there, else trained
-    and saved. Returns the model (eval mode) and a record (hash, path, cached or not, training time)."""
+    and saved. Returns the model (eval mode) and a record (hash, path, cached or not, training time,
+    and the ``eval_curve`` of `train` when ``eval_every`` and ``evaluator`` are given; evaluation
+    does not enter the cache key)."""
     key = config_hash(
         {
             "version": CACHE_VERSION,
@@ -225,13 +249,35 @@ def load_or_train_teacher(
         model.load_state_dict(blob["state_dict"])
         log(f"teacher: loaded from cache {path} (trained in {blob['train']['wall_s']:.0f} s)")
         train_summary = {"median_step_s": blob["train"]["s_per_iter"], **blob["train"]}  # older caches: no median
-        record = {"hash": key, "path": str(path), "cached": True, "train": train_summary, "det_loss": blob["loss"]}
+        record = {
+            "hash": key,
+            "path": str(path),
+            "cached": True,
+            "train": train_summary,
+            "det_loss": blob["loss"],
+            "eval_curve": blob.get("eval_curve", []),
+        }
     else:
         log(f"teacher: training {train_cfg.iterations} iterations (cache key {key})")
-        result = train(model, split, train_cfg, device=device, desc="teacher", progress=progress)
+        result = train(
+            model,
+            split,
+            train_cfg,
+            device=device,
+            desc="teacher",
+            progress=progress,
+            eval_every=eval_every,
+            evaluator=evaluator,
+        )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        torch.save({"state_dict": model.state_dict(), "train": result.summary(), "loss": result.det_loss}, tmp)
+        blob = {
+            "state_dict": model.state_dict(),
+            "train": result.summary(),
+            "loss": result.det_loss,
+            "eval_curve": result.eval_curve,
+        }
+        torch.save(blob, tmp)
         tmp.replace(path)
         record = {
             "hash": key,
@@ -239,6 +285,7 @@ def load_or_train_teacher(
             "cached": False,
             "train": result.summary(),
             "det_loss": result.det_loss,
+            "eval_curve": result.eval_curve,
         }
     model.eval()
     for p in model.parameters():

@@ -1,0 +1,425 @@
+"""The plateau protocol: does distillation raise the AP a student reaches when trained to its plateau?
+
+The main demo compares methods at a short schedule, where every student is still improving. Here
+the teacher and every student are trained on one long schedule whose learning rate decays to zero
+(AdamW, warm-up, cosine), with the val split scored at regular points, so that the curves show
+where each run levels off:
+
+- the teacher: ``teacher_iters`` iterations; it counts as trained to its plateau when its val AP
+  gains less than ``plateau_tol`` AP over the last quarter of the schedule (the report says
+  whether it did);
+- every student run: ``student_iters`` iterations, the same check on the plain student;
+- the student alone, + MGD and + FAMKD over ``seeds`` seeds (mean, std and the paired per-seed
+  differences), + FGD over ``fgd_seeds`` seeds; then FAMKD's two main choices (``scales`` and
+  ``branches``) re-checked at this schedule on the val split (first seed).
+
+The teacher is fixed and the canvases are not augmented, so its outputs on the training split
+are computed once and reused by every distilled run (`TeacherCache`).
+
+Results are written after every run (``results.md``, ``results.json``, ``val_ap_curves.png``), so a
+run stopped part-way leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..integrations.torchvision import DetectorOutputs, teacher_outputs
+from .data import DataConfig, DetectionSplit, make_dataset
+from .evaluate import METRICS, evaluate, mean_std
+from .methods import FAMKD_DEFAULTS, METHODS
+from .models import STUDENT, TEACHER, BackboneConfig, num_parameters
+from .pipeline import DemoConfig, _Runner, default_cache_dir
+from .report import plot_val_curves, write_json
+from .train import load_or_train_teacher
+
+__all__ = ["PlateauConfig", "TeacherCache", "ABLATION", "plateau_gain", "run_plateau"]
+
+# FAMKD's two main choices, re-checked at the long schedule (val split, first seed).
+ABLATION: tuple[dict[str, Any], ...] = (
+    {"scales": (1, 2, 4)},
+    {"branches": ("spatial",)},
+    {"branches": ("spatial", "channel")},
+)
+
+
+@dataclass
+class PlateauConfig:
+    """A plateau run; ``preset`` gives the default sizes and the ``--quick`` ones."""
+
+    out: Path = Path("famkd_plateau_out")
+    quick: bool = False
+    seeds: int = 3
+    fgd_seeds: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    backend: str = "auto"
+    teacher_iters: int = 4000
+    student_iters: int = 3000
+    eval_points: int = 10  # val evaluations per run, evenly spaced
+    batch_size: int = 16
+    warmup: int = 50
+    kd_fraction: float = 1.0
+    plateau_tol: float = 0.5  # AP gained over the last quarter that still counts as a plateau
+    ablation: bool = True
+    ablation_variants: int | None = None  # the first this many of `ABLATION` (None: all)
+    teacher: BackboneConfig = TEACHER
+    student: BackboneConfig = STUDENT
+    data: DataConfig = field(default_factory=DataConfig)
+    cache_dir: Path = field(default_factory=default_cache_dir)
+    progress: bool = True
+
+    @classmethod
+    def preset(cls, quick: bool = False, **overrides: Any) -> PlateauConfig:
+        base = cls()
+        if quick:
+            base = cls(
+                quick=True,
+                seeds=2,
+                teacher_iters=80,
+                student_iters=30,
+                eval_points=2,
+                batch_size=8,
+                warmup=5,
+                ablation_variants=1,
+                data=DataConfig(num_canvases=(96, 32, 48)),
+            )
+        return replace(base, **{k: v for k, v in overrides.items() if v is not None})
+
+    def demo_config(self) -> DemoConfig:
+        """The main demo's config with this run's sizes (what the shared training code reads)."""
+        return DemoConfig(
+            out=self.out,
+            detector="fcos",
+            quick=self.quick,
+            seeds=self.seeds,
+            seed=self.seed,
+            device=self.device,
+            backend=self.backend,
+            kd_fraction=self.kd_fraction,
+            teacher_iters=self.teacher_iters,
+            student_iters=self.student_iters,
+            batch_size=self.batch_size,
+            warmup=self.warmup,
+            data=self.data,
+            cache_dir=self.cache_dir,
+            progress=self.progress,
+        )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["out"], d["cache_dir"] = str(self.out), str(self.cache_dir)
+        d["famkd_options"] = {k: list(v) if isinstance(v, tuple) else v for k, v in FAMKD_DEFAULTS.items()}
+        return d
+
+
+class TeacherCache:
+    """The teacher's `DetectorOutputs` for every canvas of a split, computed once (eval mode, no graph).
+
+    ``cache(idx)`` returns the outputs of canvases ``idx`` as `teacher_outputs` would give them
+    for that batch (up to float rounding of a different batch size).
+    """
+
+    def __init__(self, teacher: torch.nn.Module, split: DetectionSplit, device: str, batch_size: int = 50) -> None:
+        feats: list[list[Tensor]] = []
+        logits: list[list[Tensor]] = []
+        self.boxes: list[Tensor] = []
+        for start in range(0, len(split), batch_size):
+            idx = list(range(start, min(len(split), start + batch_size)))
+            images, targets = split.batch(idx, device)
+            out = teacher_outputs(teacher, images, targets)
+            feats.append(out.features)
+            logits.append(out.cls_logits)
+            self.boxes += out.boxes
+            self.image_size = out.image_size
+        self.features = [torch.cat(level) for level in zip(*feats)]
+        self.cls_logits = [torch.cat(level) for level in zip(*logits)]
+
+    def __call__(self, idx: Sequence[int]) -> DetectorOutputs:
+        rows = torch.as_tensor(list(idx), dtype=torch.long, device=self.features[0].device)
+        return DetectorOutputs(
+            [f.index_select(0, rows) for f in self.features],
+            [c.index_select(0, rows) for c in self.cls_logits],
+            self.image_size,
+            [self.boxes[i] for i in idx],
+        )
+
+
+def plateau_gain(curve: Sequence[tuple[int, dict]], metric: str = "AP") -> float | None:
+    """AP gained over the last quarter of a run: the last point minus the point nearest to 3/4 of it."""
+    if len(curve) < 2:
+        return None
+    last_it, last = curve[-1]
+    ref_it = 0.75 * last_it
+    _, ref = min(curve[:-1], key=lambda p: abs(p[0] - ref_it))
+    return last[metric] - ref[metric]
+
+
+def _label(key: str, options: dict | None) -> str:
+    base = "student alone" if key == "student" else METHODS[key].label
+    if not options:
+        return base
+    return base + " (" + ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in options.items()) + ")"
+
+
+def _stats(runs: list[dict], split: str) -> dict[str, tuple[float, float]]:
+    return {m: mean_std([r[split][m] for r in runs]) for m in METRICS}
+
+
+def _paired(a: list[dict], b: list[dict]) -> dict | None:
+    """Per-seed AP differences a - b on test, over the seeds both have."""
+    by_seed = {r["seed"]: r for r in b}
+    diffs = [(r["seed"], r["test"]["AP"] - by_seed[r["seed"]]["test"]["AP"]) for r in a if r["seed"] in by_seed]
+    if not diffs:
+        return None
+    mean, std = mean_std([d for _, d in diffs])
+    return {"per_seed": diffs, "mean": mean, "std": std}
+
+
+def summarise(cfg: PlateauConfig, state: dict) -> dict:
+    """Tables of what has run so far: per method mean ± std (test and val), paired differences,
+    plateau checks, the ablation."""
+    groups: dict[str, list[dict]] = {}
+    for run in state["runs"]:
+        if run["role"] == "main":
+            groups.setdefault(run["key"], []).append(run)
+    rows = []
+    for key, runs in groups.items():
+        rows.append(
+            {
+                "key": key,
+                "label": _label(key, None),
+                "seeds": [r["seed"] for r in runs],
+                "test": _stats(runs, "test"),
+                "val": _stats(runs, "val"),
+                "last_quarter_gain_val": [plateau_gain(r["eval_curve"]) for r in runs],
+                "s_per_iter": sum(r["median_step_s"] for r in runs) / len(runs),
+            }
+        )
+    paired = {}
+    if "famkd" in groups:
+        for other in ("student", "mgd"):
+            if other in groups:
+                paired[f"famkd - {other}"] = _paired(groups["famkd"], groups[other])
+    ablation = [
+        {"options": r["options"], "label": r["label"], "val": r["val"]}
+        for r in state["runs"]
+        if r["role"] == "ablation"
+    ]
+    return {"rows": rows, "paired": paired, "ablation": ablation}
+
+
+def _fmt(ms: tuple[float, float], n: int) -> str:
+    mean, std = ms
+    return f"{mean:.1f} ± {std:.1f}" if n > 1 else f"{mean:.1f}"
+
+
+def results_markdown(cfg: PlateauConfig, state: dict, tables: dict) -> str:
+    t = state["teacher"]
+    lines = [
+        "# famkd-losses plateau protocol (FCOS)",
+        "",
+    ]
+    if cfg.quick:
+        lines += [
+            "**This is a `--quick` smoke run: a few iterations on tiny data. Its numbers are not evidence.**",
+            "",
+        ]
+    lines += [
+        f"Machine: {state['device']}; torch {state['versions']['torch']}. Data: {state['data']}.",
+        f"Schedule: AdamW (lr 2e-3), {cfg.warmup}-iteration warm-up, cosine decay to zero; batch {cfg.batch_size}. "
+        f"Teacher {cfg.teacher_iters} iterations, every student {cfg.student_iters} iterations "
+        f"({cfg.student_iters * cfg.batch_size / state['train_canvases']:.1f} epochs). "
+        f"Val AP scored {cfg.eval_points} times per run. Distillation weights: each term starts at "
+        f"{cfg.kd_fraction:g} x the detection loss (calibrated on the first batch, as in the main demo).",
+        "",
+        "## Models and their plateaus",
+        "",
+        f"- Teacher: {t['params'] / 1e6:.2f} M parameters, FPN {cfg.teacher.fpn_channels}; val AP "
+        f"{t['val']['AP']:.1f}, test AP {t['test']['AP']:.1f}; val AP gained over the last quarter of its "
+        f"schedule: {_gain_text(t['last_quarter_gain_val'], cfg.plateau_tol)}.",
+        f"- Student: {state['student_params'] / 1e6:.2f} M parameters, FPN {cfg.student.fpn_channels}.",
+        "",
+        "Stopping rule: a run counts as at its plateau when its val AP gains less than "
+        f"{cfg.plateau_tol} AP over the last quarter of its decaying schedule.",
+        "",
+        "## Students at the long schedule (test split; mean ± sample std over seeds)",
+        "",
+        "| run | seeds | test AP | AP50 | APs | APm | APl | val AP | val AP gained over the last quarter "
+        "(per seed) | median s/it |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    student_val = None
+    for r in tables["rows"]:
+        n = len(r["seeds"])
+        gains = ", ".join("n/a" if g is None else f"{g:+.1f}" for g in r["last_quarter_gain_val"])
+        lines.append(
+            f"| {r['label']} | {', '.join(map(str, r['seeds']))} | {_fmt(r['test']['AP'], n)} | "
+            f"{_fmt(r['test']['AP50'], n)} | {_fmt(r['test']['APs'], n)} | {_fmt(r['test']['APm'], n)} | "
+            f"{_fmt(r['test']['APl'], n)} | {_fmt(r['val']['AP'], n)} | {gains} | {r['s_per_iter']:.3f} |"
+        )
+        if r["key"] == "student":
+            student_val = r
+    lines.append("")
+    if student_val is not None:
+        gap_test = t["test"]["AP"] - student_val["test"]["AP"][0]
+        gap_val = t["val"]["AP"] - student_val["val"]["AP"][0]
+        lines.append(
+            f"Teacher - student gap at the student's plateau: {gap_test:.1f} AP on test, {gap_val:.1f} on val."
+        )
+        lines.append("")
+    if tables["paired"]:
+        lines += ["## Paired differences (test AP, same seed)", ""]
+        lines += ["| difference | per seed | mean ± std |", "|---|---|---:|"]
+        for name, p in tables["paired"].items():
+            if p is None:
+                continue
+            per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in p["per_seed"])
+            lines.append(f"| {name} | {per} | {p['mean']:+.1f} ± {p['std']:.1f} |")
+        lines.append("")
+    if tables["ablation"]:
+        famkd = next((r for r in state["runs"] if r["role"] == "main" and r["key"] == "famkd"), None)
+        lines += [
+            f"## FAMKD's main choices at this schedule (val split, seed {cfg.seed})",
+            "",
+            "| FAMKD (both) | val AP | val AP50 | val APs | val APm | val APl |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        entries = ([{"label": "defaults", "val": famkd["val"]}] if famkd else []) + tables["ablation"]
+        for a in entries:
+            m = a["val"]
+            lines.append(
+                f"| {a['label']} | {m['AP']:.1f} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | {m['APl']:.1f} |"
+            )
+        lines.append("")
+    lines += [
+        "## Val AP against iteration",
+        "",
+        "![val AP against iteration for every run](val_ap_curves.png)",
+        "",
+        f"Runs so far: {len(state['runs'])}; wall time {state['wall_s'] / 60:.1f} min.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _gain_text(gain: float | None, tol: float) -> str:
+    if gain is None:
+        return "n/a"
+    return f"{gain:+.1f} AP ({'plateau' if gain < tol else 'NOT at its plateau'})"
+
+
+def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) -> dict:
+    """Run the plateau protocol of ``cfg``; write its tables, JSON and plot under ``cfg.out`` as it goes."""
+    if log is None:
+        from tqdm.auto import tqdm
+
+        def log(msg: str) -> None:
+            tqdm.write(msg)
+
+    start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    demo = cfg.demo_config()
+    runner = _Runner(demo, log, teacher_backbone=cfg.teacher, student_backbone=cfg.student)
+    splits = make_dataset(cfg.data)
+    canvas = cfg.data.canvas
+    log(
+        f"famkd-losses plateau protocol on {cfg.device}, {torch.get_num_threads()} threads, "
+        f"{'quick' if cfg.quick else 'default'} sizes -> {out}"
+    )
+    every = max(1, cfg.teacher_iters // cfg.eval_points)
+    teacher, record = load_or_train_teacher(
+        runner.teacher_cfg,
+        cfg.data,
+        runner.train_cfg(cfg.teacher_iters, cfg.seed),
+        splits["train"],
+        cfg.cache_dir,
+        device=cfg.device,
+        progress=cfg.progress,
+        log=log,
+        eval_every=every,
+        evaluator=lambda m: evaluate(m, splits["val"], canvas, cfg.device),
+    )
+    t_val = evaluate(teacher, splits["val"], canvas, cfg.device)
+    t_test = evaluate(teacher, splits["test"], canvas, cfg.device)
+    state: dict[str, Any] = {
+        "config": cfg.to_dict(),
+        "device": f"{cfg.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "versions": {"torch": torch.__version__, "python": platform.python_version()},
+        "data": ", ".join(f"{n} {len(s)} canvases / {s.num_objects()} digits" for n, s in splits.items()),
+        "train_canvases": len(splits["train"]),
+        "teacher": {
+            "params": num_parameters(teacher),
+            "val": t_val,
+            "test": t_test,
+            "eval_curve": record.get("eval_curve", []),
+            "last_quarter_gain_val": plateau_gain(record.get("eval_curve", [])),
+            "cache": {k: v for k, v in record.items() if k not in ("det_loss", "eval_curve")},
+        },
+        "student_params": 0,
+        "runs": [],
+        "wall_s": 0.0,
+    }
+    log(f"  teacher: val AP {t_val['AP']:.1f}, test AP {t_test['AP']:.1f}")
+    cache = TeacherCache(teacher, splits["train"], cfg.device)
+    student_every = max(1, cfg.student_iters // cfg.eval_points)
+
+    def one(key: str, seed: int, role: str, options: dict | None = None) -> None:
+        run = runner.student_run(
+            key,
+            seed,
+            splits,
+            teacher,
+            options=options,
+            eval_splits=("val", "test"),
+            desc=f"{_label(key, options)} (seed {seed})",
+            eval_every=student_every,
+            teacher_cache=cache,
+        )
+        run.pop("curves")
+        run["test"] = run.pop("metrics")
+        run.update(key=key, role=role, options=options or {}, label=_label(key, options))
+        state["runs"].append(run)
+        state["wall_s"] = time.perf_counter() - start
+        _write(cfg, state)
+
+    state["student_params"] = num_parameters(runner.build_student())
+    seeds = [cfg.seed + i for i in range(cfg.seeds)]
+    for i, seed in enumerate(seeds):
+        for key in ("student", "famkd", "mgd"):
+            one(key, seed, "main")
+        if i < cfg.fgd_seeds:
+            one("fgd", seed, "main")
+    if cfg.ablation:
+        for change in ABLATION[: cfg.ablation_variants]:
+            one("famkd", cfg.seed, "ablation", change)
+    state["wall_s"] = time.perf_counter() - start
+    return _write(cfg, state)
+
+
+def _write(cfg: PlateauConfig, state: dict) -> dict:
+    out = Path(cfg.out)
+    tables = summarise(cfg, state)
+    summary = {**state, "tables": tables}
+    (out / "results.md").write_text(results_markdown(cfg, state, tables))
+    write_json(out / "results.json", summary)
+    curves = [("teacher", "teacher", state["teacher"]["eval_curve"], "")]
+    curves += [(r["key"], r["label"], r["eval_curve"], r["role"]) for r in state["runs"] if r.get("eval_curve")]
+    plot_val_curves(curves, out / "val_ap_curves.png", title=_plot_title(cfg, state))
+    return summary
+
+
+def _plot_title(cfg: PlateauConfig, state: dict) -> str:
+    quick = " (quick smoke run, not evidence)" if cfg.quick else ""
+    return (
+        f"FCOS on digit canvases: val AP during training{quick}\n"
+        f"students {cfg.student_iters} it, teacher {cfg.teacher_iters} it, cosine to 0; {state['device']}"
+    )

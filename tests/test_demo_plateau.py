@@ -1,0 +1,101 @@
+"""The plateau protocol: periodic evaluation, the teacher's output cache, the plateau check, and a
+``--quick`` run end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+for _mod in ("torchvision", "mlxtend", "pycocotools", "matplotlib", "tqdm"):
+    pytest.importorskip(_mod, reason="the demo extra is not installed")
+
+from famkd_losses.demo.data import DataConfig, make_dataset  # noqa: E402
+from famkd_losses.demo.models import STUDENT, DetectorConfig, build_detector  # noqa: E402
+from famkd_losses.demo.plateau import TeacherCache, plateau_gain  # noqa: E402
+from famkd_losses.demo.train import TrainConfig, train  # noqa: E402
+from famkd_losses.integrations.torchvision import teacher_outputs  # noqa: E402
+
+SMALL = DataConfig(num_canvases=(24, 8, 8))
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return make_dataset(SMALL)
+
+
+def test_plateau_gain_is_last_minus_three_quarters():
+    curve = [(i * 100, {"AP": float(v)}) for i, v in enumerate([0, 10, 20, 30, 35, 38, 39, 39.5, 40], start=1)]
+    # last point 900; the point nearest 675 is 700 (39.0)
+    assert plateau_gain(curve) == pytest.approx(40 - 39.0)
+    assert plateau_gain(curve[:1]) is None
+
+
+def test_train_evaluates_at_regular_points_and_keeps_it_out_of_wall_time(small_data):
+    torch.manual_seed(0)
+    model = build_detector(DetectorConfig(backbone=STUDENT))
+    calls = []
+
+    def evaluator(m):
+        m.eval()  # evaluate() switches modes like this; train() must switch back
+        calls.append(1)
+        return {"AP": float(len(calls))}
+
+    result = train(
+        model,
+        small_data["train"],
+        TrainConfig(iterations=5, batch_size=4, warmup=1),
+        progress=False,
+        eval_every=2,
+        evaluator=evaluator,
+    )
+    assert [it for it, _ in result.eval_curve] == [2, 4, 5]
+    assert [m["AP"] for _, m in result.eval_curve] == [1.0, 2.0, 3.0]
+    assert model.training and result.eval_s >= 0
+
+
+def test_teacher_cache_gives_the_teachers_outputs(small_data):
+    torch.manual_seed(0)
+    teacher = build_detector(DetectorConfig(backbone=STUDENT)).eval()
+    cache = TeacherCache(teacher, small_data["train"], "cpu", batch_size=5)
+    idx = [7, 2, 19, 0]
+    images, targets = small_data["train"].batch(idx, "cpu")
+    want = teacher_outputs(teacher, images, targets)
+    got = cache(idx)
+    assert got.image_size == want.image_size
+    for a, b in zip(got.features + got.cls_logits, want.features + want.cls_logits):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got.boxes, want.boxes):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.slow
+def test_quick_plateau_end_to_end(tmp_path):
+    from famkd_losses.demo.__main__ import main
+
+    out = tmp_path / "out"
+    argv = ["--protocol", "plateau", "--quick", "--out", str(out), "--cache-dir", str(tmp_path / "c"), "--no-progress"]
+    assert main(argv) == 0
+    summary = json.loads((out / "results.json").read_text())
+    roles = [(r["key"], r["seed"], r["role"]) for r in summary["runs"]]
+    assert roles == [
+        ("student", 0, "main"),
+        ("famkd", 0, "main"),
+        ("mgd", 0, "main"),
+        ("fgd", 0, "main"),
+        ("student", 1, "main"),
+        ("famkd", 1, "main"),
+        ("mgd", 1, "main"),
+        ("famkd", 0, "ablation"),
+    ]
+    for run in summary["runs"]:
+        assert [it for it, _ in run["eval_curve"]] == [15, 30]
+        assert all(math.isfinite(run[split]["AP"]) for split in ("val", "test"))
+    assert len(summary["teacher"]["eval_curve"]) == 2
+    paired = summary["tables"]["paired"]["famkd - student"]
+    assert [s for s, _ in paired["per_seed"]] == [0, 1]
+    md = (out / "results.md").read_text()
+    assert "smoke run" in md and "not evidence" in md and "Paired differences" in md
+    assert (out / "val_ap_curves.png").stat().st_size > 0
