@@ -9,6 +9,7 @@ they never synchronise with the GPU and trace cleanly under ``torch.compile``.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "check_module_device",
     "check_seed",
     "check_weight_list",
+    "check_image_size",
 ]
 
 
@@ -239,3 +241,41 @@ def check_weight_list(name: str, value: Any, count: int, what: str) -> tuple[flo
     if len(value) != count:
         raise ValueError(f"{name} must give {count} weights, one per {what}, got {len(value)}: {tuple(value)!r}")
     return tuple(check_non_negative(f"{name}[{i}]", w) for i, w in enumerate(value))
+
+
+def _real_number(v: Any) -> float | None:
+    """``v`` as a float when it is a real number of any type (Python, numpy scalars, 0-d tensors;
+    not bools), else None."""
+    if isinstance(v, Tensor):
+        if v.dim() != 0 or v.dtype == torch.bool or v.is_complex() or v.device.type == "meta":
+            return None
+        return float(v)
+    if isinstance(v, bool) or type(v).__name__ == "bool_" or not isinstance(v, numbers.Real):
+        return None
+    return float(v)
+
+
+def _type_names(value: Any) -> str:
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return type(value).__name__
+    inner = ", ".join(
+        f"{type(v).__name__}({v.dtype}, {v.dim()}-D)" if isinstance(v, Tensor) else type(v).__name__ for v in value
+    )
+    return f"{type(value).__name__} of {inner}"
+
+
+def check_image_size(name: str, value: Any) -> tuple[float, float]:
+    """``(H, W)``: two positive finite real numbers of any type (Python, numpy scalars, 0-d
+    tensors), as a sequence or a 1-D tensor/array of two entries. Returns them as floats."""
+    items = None
+    if isinstance(value, Tensor) or type(value).__name__ == "ndarray":
+        if value.ndim == 1:
+            items = list(value)
+    elif isinstance(value, Sequence) and not isinstance(value, (str, bytes)):
+        items = list(value)
+    numbers_ = None if items is None or len(items) != 2 else [_real_number(v) for v in items]
+    if numbers_ is None or any(v is None or not math.isfinite(v) or v <= 0 for v in numbers_):
+        raise ValueError(
+            f"{name} must be (H, W) of the input, two positive finite numbers, got {value!r} ({_type_names(value)})"
+        )
+    return numbers_[0], numbers_[1]

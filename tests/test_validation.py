@@ -15,6 +15,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -1124,7 +1125,7 @@ def _fgd_cases() -> list[Any]:
             pat("meta", "cpu"),
         ),
     ]
-    for v in [(0, 32), (32,), (32, -1), (32, 32, 3), "32", (True, 32), None, (32, NAN), ("32", "32")]:
+    for v in [(0, 32), (32,), (32, -1), (32, 32, 3), "32", (True, 32), None, (32, NAN), ("32", "32"), (32, INF)]:
         out.append(
             case(
                 f"FGD-image_size={v!r}",
@@ -1133,7 +1134,50 @@ def _fgd_cases() -> list[Any]:
                 pat("image_size", repr(v)),
             )
         )
+    # the message names the types it got
+    for v, types in [
+        (("32", "32"), "(tuple of str, str)"),
+        (None, "(NoneType)"),
+        ((np.int64(32), np.bool_(True)), "(tuple of int64, bool)"),
+        ([torch.tensor(32), torch.tensor([32])], "(list of Tensor(torch.int64, 0-D), Tensor(torch.int64, 1-D))"),
+        ((32, torch.tensor(True)), "(tuple of int, Tensor(torch.bool, 0-D))"),
+        ((32, 1j), "(tuple of int, complex)"),
+        (torch.zeros(3), "(Tensor)"),
+    ]:
+        out.append(
+            case(
+                f"FGD-image_size-types-{types}",
+                lambda v=v: call1(S1, T1, image_size=v),
+                ValueError,
+                pat("image_size must be (H, W)", "two positive finite numbers", types),
+            )
+        )
     return out
+
+
+@pytest.mark.parametrize(
+    "image_size",
+    [
+        (np.int64(32), np.int64(32)),
+        (np.int32(32), np.float32(32.0)),
+        (np.float64(32.0), 32),
+        (torch.tensor(32), torch.tensor(32.0)),
+        (torch.tensor(32, dtype=torch.int16), np.uint8(32)),
+        torch.tensor([32, 32]),
+        np.array([32, 32]),
+        [32.0, 32],
+    ],
+    ids=repr,
+)
+def test_fgd_image_size_takes_any_real_number_type(image_size: Any) -> None:
+    """numpy scalars, 0-d tensors of any real dtype and 1-D tensors/arrays of two give the loss of
+    the plain ints."""
+    s, t = levels(CS), levels(CT, seed=10)
+    torch.manual_seed(0)
+    loss = FGDLoss([CS] * 3, [CT] * 3)
+    want = loss(s, t, boxes2(), (32, 32))
+    got = loss(s, t, boxes2(), image_size)
+    torch.testing.assert_close(got, want, rtol=0.0, atol=0.0)
 
 
 def _pkd_cwd_cases() -> list[Any]:

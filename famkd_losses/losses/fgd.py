@@ -12,6 +12,7 @@ from .._validation import (
     as_levels,
     check_channel_list,
     check_channels,
+    check_image_size,
     check_level_device,
     check_non_negative,
     check_positive,
@@ -65,7 +66,8 @@ class FGDLoss(DistillationLoss):
     ``forward(s_feat, t_feat, boxes, image_size)``: student (N, Cs, H, W), teacher
     (N, Ct, H, W); ``boxes`` N tensors (n_i, 4) of x1 y1 x2 y2 in input pixels (n_i may be
     0: an all-background image; a NaN or Inf coordinate is an error); ``image_size`` the
-    (H, W) of the padded input batch that the map covers (the official code uses each image's
+    (H, W) of the padded input batch that the map covers, two real numbers of any type (Python,
+    numpy scalars, 0-d tensors) or a 1-D tensor/array of two (the official code uses each image's
     unpadded size; the size the map covers is what its cells mean). Multi-level losses take
     sequences of maps and the same boxes.
 
@@ -151,7 +153,9 @@ class FGDLoss(DistillationLoss):
         context = torch.einsum("nch,nkh->nc", feat.reshape(n, c, h * w), attn).reshape(n, c, 1, 1)
         return feat + branch(context)
 
-    def _check_boxes(self, boxes: Sequence[Tensor], image_size: Sequence[int], n: int, device: torch.device) -> None:
+    def _check_boxes(
+        self, boxes: Sequence[Tensor], image_size: Sequence[int], n: int, device: torch.device
+    ) -> tuple[float, float]:
         if isinstance(boxes, Tensor) or not isinstance(boxes, Sequence):
             raise TypeError(f"boxes must be a list of N tensors (n_i, 4), got {type(boxes).__name__}")
         if len(boxes) != n:
@@ -165,13 +169,7 @@ class FGDLoss(DistillationLoss):
                 raise TypeError(f"boxes[{i}] must be floating (pixel coordinates), got {b.dtype}")
             if b.device != device:
                 raise ValueError(f"boxes[{i}] is on {b.device} but the features are on {device}")
-        if (
-            isinstance(image_size, Tensor)
-            or not isinstance(image_size, Sequence)
-            or len(image_size) != 2
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0 for v in image_size)
-        ):
-            raise ValueError(f"image_size must be (H, W) of the input, two positive numbers, got {image_size!r}")
+        return check_image_size("image_size", image_size)
 
     @staticmethod
     def _check_box_values(boxes: Sequence[Tensor]) -> None:
@@ -197,7 +195,7 @@ class FGDLoss(DistillationLoss):
         s = align_student(self, s, t, level)
         t = t.detach()
         n, _, h, w = t.shape
-        self._check_boxes(boxes, image_size, n, t.device)
+        img_size = self._check_boxes(boxes, image_size, n, t.device)
         if level is None or level == 0:  # the same boxes serve every level: read them once
             self._check_box_values(boxes)
 
@@ -211,7 +209,7 @@ class FGDLoss(DistillationLoss):
         else:
             a_sp_t, a_ch_t = spatial_attention(t, self.tau), channel_attention(t, self.tau)
         a_sp_s, a_ch_s = spatial_attention(s, self.tau), channel_attention(s, self.tau)
-        fg, bg = box_masks(boxes, (h, w), tuple(image_size))
+        fg, bg = box_masks(boxes, (h, w), img_size)
         if fused:  # the attention-weighted squared error, fused: sum(M A_sp A_ch (S - T)^2) / N
             fg_loss = fused_reconstruction_error([s], None, t, fg * a_sp_t, a_ch_t)
             bg_loss = fused_reconstruction_error([s], None, t, bg * a_sp_t, a_ch_t)
