@@ -1,14 +1,17 @@
 """mmrazor 1.x config: FAMKD, RetinaNet ResNeXt-101-64x4d (teacher) -> RetinaNet ResNet-50 (student), COCO, 2x.
 
-Train (mmdet 3.x, mmrazor 1.x, mmcv 2.0/2.1 and famkd-losses[mmdet] installed; COCO under data/coco/):
+Train (mmdet 3.3, mmrazor 1.0, mmcv 2.1 and famkd-losses[mmdet] installed as docs/guides/mmdetection.md
+says; COCO under data/coco/):
 
     # 8 GPUs x 2 images = batch 16, the schedule below
     bash mmrazor/tools/dist_train.sh examples/mmrazor/famkd_retinanet_x101_r50.py 8
 
-Status: this file is read by ``tests/test_integration_mmdet.py`` with ``mmengine.Config.fromfile``
-(no mmdet or mmrazor needed), which builds every entry of ``distill_losses`` with our registry and
-checks the recorder/mapping layout. It has NOT been trained end to end by this project: mmcv has
-no wheel for the test machine's torch, so mmdet and mmrazor could not be installed there.
+Status: ``tests/test_integration_mmdet.py`` reads this file with ``mmengine.Config.fromfile``, builds
+every entry of ``distill_losses`` with our registry and checks the recorder/mapping layout; with mmdet
+3.3.0 and mmrazor 1.0.0 installed it also builds the whole model (the X101-64x4d teacher and the R50
+student from mmdet's config files, random weights: ``teacher_ckpt`` set to None) and runs one training
+step with the optimiser below on two images padded to 128 x 128, on the CPU. It has NOT been trained
+on COCO by this project: no schedule, accuracy or multi-GPU run.
 
 Layout (mmrazor's ``ConfigurableDistiller``):
 
