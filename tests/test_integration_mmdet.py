@@ -653,6 +653,7 @@ def test_real_single_teacher_distill_step(openmmlab):
     trainable = [n for n, p in algo.named_parameters() if p.requires_grad]
     assert trainable and not any(n.startswith("teacher.") for n in trainable)
     # mmdet's config freezes the stem and the first stage (frozen_stages=1): everything else trains
+    assert not any(n.startswith(("architecture.backbone.conv1.", "architecture.backbone.layer1.")) for n in trainable)
     assert any(n.startswith("architecture.backbone.layer2.") for n in trainable)
     assert any(n.startswith("distiller.distill_losses.loss_fgd.") for n in trainable)
     optimizer = torch.optim.SGD([p for p in algo.parameters() if p.requires_grad], lr=0.01)
