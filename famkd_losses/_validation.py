@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "plural",
     "at_level",
     "check_choice",
     "check_positive",
@@ -35,6 +36,12 @@ __all__ = [
     "check_weight_list",
     "check_image_size",
 ]
+
+
+def plural(n: int, noun: str, nouns: str | None = None) -> str:
+    """``"1 level"``, ``"3 levels"``: a number and its noun, in messages (``nouns``: an
+    irregular plural)."""
+    return f"{n} {noun if n == 1 else (nouns or noun + 's')}"
 
 
 def at_level(level: int | None) -> str:
@@ -239,7 +246,9 @@ def check_weight_list(name: str, value: Any, count: int, what: str) -> tuple[flo
     if isinstance(value, (str, Tensor)) or not isinstance(value, Sequence):
         raise TypeError(f"{name} must be a sequence of {count} non-negative numbers ({what}), got {value!r}")
     if len(value) != count:
-        raise ValueError(f"{name} must give {count} weights, one per {what}, got {len(value)}: {tuple(value)!r}")
+        raise ValueError(
+            f"{name} must give {plural(count, 'weight')}, one per {what}, got {len(value)}: {tuple(value)!r}"
+        )
     return tuple(check_non_negative(f"{name}[{i}]", w) for i, w in enumerate(value))
 
 

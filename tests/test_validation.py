@@ -460,6 +460,9 @@ def _dense_logits(c: int = 6, n: int = N, sizes=SIZES, seed: int = 100) -> list[
 
 S3, T3 = levels(CS), levels(CT, seed=10)
 ZS, ZT = _dense_logits(), _dense_logits(seed=200)
+# flattened (N, A*H*W, K) logits on the SIZES grids, two anchors and three classes
+FLAT_S = [rnd(N, 2 * h * w, 3, seed=300 + i) for i, (h, w) in enumerate(SIZES)]
+FLAT_T = [rnd(N, 2 * h * w, 3, seed=400 + i) for i, (h, w) in enumerate(SIZES)]
 S1, T1 = rnd(N, CS, 4, 4), rnd(N, CT, 4, 4, seed=1)
 SAME_S, SAME_T = levels(CT, seed=20), levels(CT, seed=30)  # equal widths (PKD, CWD)
 
@@ -696,9 +699,9 @@ def _famkd_cases() -> list[Any]:
         ),
         case(
             "FAMKD-logits-empty-batch",
-            lambda: _famkd()(S3, T3, rnd(0, 6, 4, 4), rnd(0, 6, 4, 4)),
+            lambda: _famkd()(S3, T3, _dense_logits(n=0), _dense_logits(n=0)),
             ValueError,
-            pat("student logits has an empty batch", "(0, 6, 4, 4)"),
+            pat("student logits at level 0 has an empty batch", "(0, 6, 4, 4)"),
         ),
         case(
             "FAMKD-softmax-channels-not-multiple",
@@ -708,21 +711,70 @@ def _famkd_cases() -> list[Any]:
         ),
         case(
             "FAMKD-region-scales-flattened",
-            lambda: _famkd(region_scales=(1, 2))(S3, T3, rnd(N, 16, 3), rnd(N, 16, 3, seed=1)),
+            lambda: _famkd(region_scales=(1, 2))(S3, T3, FLAT_S, FLAT_T),
             ValueError,
-            pat("region_scales", "flattened logits (2, 16, 3)"),
+            pat("region_scales needs a spatial layout at level 0", "flattened logits (2, 32, 3)"),
         ),
         case(
             "FAMKD-feature-guidance-level-count",
             lambda: _famkd(guidance="feature")(S3, T3, ZS[:2], ZT[:2]),
             ValueError,
-            pat("guidance='feature'", "3 feature levels", "2 logits levels"),
+            pat("s_logits has 2 levels but the features have 3 levels"),
+        ),
+        # logits that cannot belong to the features (MaskedLogitsLoss alone takes any levels)
+        case(
+            "FAMKD-two-logits-levels-beside-three",
+            lambda: _famkd()(S3, T3, ZS[:2], ZT[:2]),
+            ValueError,
+            pat("s_logits has 2 levels but the features have 3 levels", "one logits tensor per feature level"),
+        ),
+        case(
+            "FAMKD-one-logits-tensor-beside-three-levels",
+            lambda: _famkd()(S3, T3, ZS[0], ZT[0]),
+            ValueError,
+            pat("s_logits has 1 level but the features have 3 levels"),
+        ),
+        case(
+            "FAMKD-four-logits-levels-beside-three",
+            lambda: _famkd()(S3, T3, [*ZS, ZS[2]], [*ZT, ZT[2]]),
+            ValueError,
+            pat("s_logits has 4 levels but the features have 3 levels"),
+        ),
+        case(
+            "FAMKD-one-level-logits-beside-two-levels",
+            lambda: FAMKDLoss([CS] * 2, [CT] * 2)(S3[:2], T3[:2], ZS[0], ZT[0]),
+            ValueError,
+            pat("s_logits has 1 level but the features have 2 levels"),
+        ),
+        case(
+            "FAMKD-7x7-logits-beside-4x4-features",
+            lambda: _famkd()(S3, T3, at(ZS, 0, rnd(N, 6, 7, 7)), at(ZT, 0, rnd(N, 6, 7, 7, seed=1))),
+            ValueError,
+            pat("s_logits at level 0 are (7, 7) but the features at level 0 are (4, 4)", "(2, 6, 7, 7)"),
+        ),
+        case(
+            "FAMKD-logits-grid-transposed-at-level-2",
+            lambda: _famkd()(at(S3, 2, rnd(N, CS, 2, 3)), at(T3, 2, rnd(N, CT, 2, 3)), at(ZS, 2, rnd(N, 6, 3, 2)), ZT),
+            ValueError,
+            pat("s_logits at level 2 are (3, 2) but the features at level 2 are (2, 3)"),
+        ),
+        case(
+            "FAMKD-flattened-logits-not-on-the-grid",
+            lambda: _famkd()(S3, T3, at(FLAT_S, 1, rnd(N, 6, 3)), at(FLAT_T, 1, rnd(N, 6, 3, seed=1))),
+            ValueError,
+            pat("flattened s_logits at level 1 have 6 positions", "2x2 = 4 positions of the features at level 1"),
+        ),
+        case(
+            "FAMKD-logits-batch-differs-from-features",
+            lambda: _famkd()(S3, T3, _dense_logits(n=3), _dense_logits(n=3, seed=200)),
+            ValueError,
+            pat("s_logits at level 0 have batch 3 but the features have batch 2"),
         ),
         case(
             "FAMKD-feature-guidance-grid",
             lambda: _famkd(guidance="feature")(S3, T3, at(ZS, 2, rnd(N, 6, 3, 3)), at(ZT, 2, rnd(N, 6, 3, 3))),
             ValueError,
-            pat("features at level 2 are (2, 2)", "dense logits are (3, 3)"),
+            pat("s_logits at level 2 are (3, 3) but the features at level 2 are (2, 2)"),
         ),
         case(
             "FAMKD-logits-on-other-device-than-features",
@@ -989,7 +1041,7 @@ def _mgd_cases() -> list[Any]:
             "MGDx-one-tensor-for-three-levels",
             lambda: call(S3[0], T3[0]),
             ValueError,
-            pat("s_feats has 1 levels", "built for 3"),
+            pat("s_feats has 1 level but", "built for 3"),
         ),
         case(
             "MGD-lists-given-to-single-level",
@@ -1038,7 +1090,7 @@ def _fgd_cases() -> list[Any]:
             "FGD-boxes-count",
             lambda: call1(S1, T1, b[:1]),
             ValueError,
-            pat("boxes has 1 entries", "batch has 2 images"),
+            pat("boxes has 1 entry but", "batch has 2 images"),
         ),
         case(
             "FGD-boxes-count-too-many",
@@ -1050,7 +1102,7 @@ def _fgd_cases() -> list[Any]:
             "FGDx-boxes-count",
             lambda: FGDLoss([CS] * 3, [CT] * 3)(S3, T3, b[:1], IMG),
             ValueError,
-            pat("boxes has 1 entries", "batch has 2 images"),
+            pat("boxes has 1 entry but", "batch has 2 images"),
         ),
         case(
             "FGD-boxes-five-columns",
@@ -1367,12 +1419,34 @@ def test_forward_rejects(thunk: Callable[[], Any], exc: type[Exception], pattern
         thunk()
 
 
+def test_counts_in_messages_agree_with_their_nouns() -> None:
+    """Messages say "1 level", "1 thread", "1 entry" (not "1 levels") and "3 levels"."""
+    from famkd_losses._validation import plural
+
+    assert plural(1, "level") == "1 level" and plural(3, "level") == "3 levels"
+    assert plural(1, "thread") == "1 thread" and plural(0, "thread") == "0 threads"
+    assert plural(1, "entry", "entries") == "1 entry" and plural(2, "entry", "entries") == "2 entries"
+    with pytest.raises(ValueError, match=pat("s_feats has 1 level but this loss was built for 3 (student_channels")):
+        _famkd()(S3[:1], T3[:1])
+    with pytest.raises(ValueError, match=pat("must give 3 weights, one per scale", "got 1")):
+        ScaleAwareMaskedFeatureLoss(CS, CT, scales=(1, 2, 4), scale_weights=(1.0,))
+    with pytest.raises(ValueError, match=pat("must give 1 weight, one per scale", "got 2")):
+        ScaleAwareMaskedFeatureLoss(CS, CT, scales=(1,), scale_weights=(1.0, 2.0))
+
+
 def test_valid_inputs_pass() -> None:
     """The bases the bad inputs are made from are valid: each loss accepts them."""
     assert torch.isfinite(_famkd()(S3, T3, ZS, ZT))
     assert torch.isfinite(_famkd(guidance="feature")(S3, T3, ZS, ZT))
+    assert torch.isfinite(_famkd()(S3, T3, FLAT_S, FLAT_T))
+    assert torch.isfinite(_famkd(head="softmax", num_classes=3)(S3, T3, FLAT_S, FLAT_T))
     assert torch.isfinite(_samfl()(S1, T1))
     assert torch.isfinite(MaskedLogitsLoss()(ZS, ZT))
+    # alone, the logits loss takes any levels: fewer, one, other grids, flattened of any length
+    assert torch.isfinite(MaskedLogitsLoss()(ZS[:2], ZT[:2]))
+    assert torch.isfinite(MaskedLogitsLoss()(ZS[0], ZT[0]))
+    assert torch.isfinite(MaskedLogitsLoss()(rnd(N, 6, 7, 7), rnd(N, 6, 7, 7, seed=1)))
+    assert torch.isfinite(MaskedLogitsLoss()(rnd(N, 6, 3), rnd(N, 6, 3, seed=1)))
     assert torch.isfinite(MGDLoss([CS] * 3, [CT] * 3)(S3, T3))
     assert torch.isfinite(MGDLoss(CS, CT)(S1, T1))
     assert torch.isfinite(FGDLoss([CS] * 3, [CT] * 3)(S3, T3, boxes2(), IMG))

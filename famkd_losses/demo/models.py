@@ -43,6 +43,8 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
+from .._validation import plural
+
 __all__ = [
     "DETECTORS",
     "LEVEL_NAMES",
@@ -180,7 +182,10 @@ class RangedFCOS(FCOS):
 
     def compute_loss(self, targets, head_outputs, anchors, num_anchors_per_level):
         if len(num_anchors_per_level) != len(self.regress_ranges):
-            raise ValueError(f"{len(num_anchors_per_level)} levels but {len(self.regress_ranges)} regress_ranges")
+            raise ValueError(
+                f"{plural(len(num_anchors_per_level), 'level')} but regress_ranges has "
+                f"{plural(len(self.regress_ranges), 'entry', 'entries')}"
+            )
         matched_idxs = []
         for anchors_per_image, targets_per_image in zip(anchors, targets):
             if targets_per_image["boxes"].numel() == 0:

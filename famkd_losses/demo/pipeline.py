@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._validation import plural
 from .data import DataConfig, DetectionSplit, make_dataset
 from .evaluate import AREA_RANGES, METRICS, evaluate, finite_metrics, mean_std
 from .methods import FAMKD_DEFAULTS, METHODS, build_distiller
@@ -326,7 +327,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict:
     runner = _Runner(cfg, log)
     log(
         f"famkd-losses demo: {cfg.detector.upper()} on {cfg.device} (loss backend {cfg.backend}), "
-        f"{torch.get_num_threads()} threads, "
+        f"{plural(torch.get_num_threads(), 'thread')}, "
         f"{'quick' if cfg.quick else 'default'} sizes, {cfg.seeds} seed(s) -> {out}"
     )
 
@@ -432,7 +433,8 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict:
     student_ap = rows[1]["mean"]["AP"]
     summary = {
         "config": cfg.to_dict(),
-        "device": f"{cfg.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": f"{cfg.device} ({platform.processor() or platform.machine()}, "
+        f"{plural(torch.get_num_threads(), 'thread')})",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "data": data_stats,
         "data_s": data_s,

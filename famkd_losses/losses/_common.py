@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .._validation import at_level, check_module_device, check_pair, check_seed
+from .._validation import at_level, check_module_device, check_pair, check_seed, plural
 
 # appended to channel-mismatch errors of the losses that compare raw channels
 NO_ALIGN_HINT = (
@@ -115,7 +115,7 @@ def align_student(loss: nn.Module, s_feat: Tensor, t_feat: Tensor, level: int | 
     ):
         if x.shape[1] != built:
             raise ValueError(
-                f"{name} feature{where} has {x.shape[1]} channels but this loss was built for "
+                f"{name} feature{where} has {plural(x.shape[1], 'channel')} but this loss was built for "
                 f"{name}_channels={built} (shape {tuple(x.shape)})"
             )
     check_module_device(s_feat, "student feature", loss, level)

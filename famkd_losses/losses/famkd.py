@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from .._backend import check_backend
-from .._validation import as_levels, check_channel_list, check_level_device, check_seed
+from .._validation import as_levels, check_channel_list, check_level_device, check_seed, plural
 from ..functional import fusion_weights
 from ._base import DistillationLoss
 from .feature import ScaleAwareMaskedFeatureLoss
@@ -82,8 +82,7 @@ class FAMKDLoss(DistillationLoss):
         temperature: KD temperature t (> 0); the logits part carries a ``t^2`` factor.
         guidance: the map D of where teacher and student disagree: ``"logit"``,
             ``D = mean_{a,k} |p - q|`` (the paper's original version), or ``"feature"``,
-            ``D = mean_c (T_l - align(S_l))^2`` (the revision), for which logits and features
-            must come in the same number of levels.
+            ``D = mean_c (T_l - align(S_l))^2`` (the revision).
         region_scales: if given, region-aware guidance: D averaged over max-pooled and
             upsampled copies of itself at these scales (needs dense logits or feature
             guidance).
@@ -103,8 +102,9 @@ class FAMKDLoss(DistillationLoss):
 
     ``forward(s_feats, t_feats, s_logits=None, t_logits=None)``: features as sequences (or
     mappings, such as torchvision's FPN output) of (N, C_l, H_l, W_l) maps; logits optional
-    (feature-only distillation when both are ``None``), one dense (N, A*K, H_l, W_l) or
-    flattened (N, P_l, K) map per level. Returns a float32 scalar (float64 for float64
+    (feature-only distillation when both are ``None``), one map per feature level on that
+    level's grid: dense (N, A*K, H_l, W_l) or flattened (N, A*H_l*W_l, K) (logits whose level
+    count, grid or batch disagrees with the features are an error). Returns a float32 scalar (float64 for float64
     inputs). `last_terms` gives its parts: ``"total"``, ``"feature"``, ``"feature/level{l}"``,
     ``"feature/level{l}/scale{s}"`` (the contribution of each scale used) and, with logits,
     ``"logits"`` and ``"logits/level{l}"``.
@@ -198,8 +198,8 @@ class FAMKDLoss(DistillationLoss):
         s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
         if len(s_list) != self.num_levels:
             raise ValueError(
-                f"s_feats has {len(s_list)} levels but this loss was built for {self.num_levels} "
-                f"(student_channels has {self.num_levels} entries)"
+                f"s_feats has {plural(len(s_list), 'level')} but this loss was built for {self.num_levels} "
+                f"(student_channels has {plural(self.num_levels, 'entry', 'entries')})"
             )
         if (s_logits is None) != (t_logits is None):
             raise ValueError(
@@ -229,6 +229,7 @@ class FAMKDLoss(DistillationLoss):
         total = feature_total
         terms["feature"] = feature_total.detach()
         if s_logits is not None and t_logits is not None:
+            self._check_logits_match_features(s_logits, t_logits, t_list, n0)
             # the student's logits on the features' device (the logits loss compares the rest)
             for i, z in enumerate([s_logits] if isinstance(s_logits, Tensor) else s_logits):
                 check_level_device("s_logits", z, i, s_list[0], "s_feats at level 0")
@@ -244,6 +245,39 @@ class FAMKDLoss(DistillationLoss):
         terms["total"] = total
         self._record(terms)
         return total
+
+    def _check_logits_match_features(self, s_logits: object, t_logits: object, t_list: list[Tensor], n: int) -> None:
+        """Logits that can belong to these features: one logits level per feature level, each on
+        that level's grid (dense ``(N, A*K, H_l, W_l)``, or flattened ``(N, A*H_l*W_l, K)``) and
+        batch. Metadata only; what is not a non-empty 3-D/4-D tensor is left to the logits loss's
+        checks."""
+        zs, _, _ = as_levels("s_logits", s_logits, "t_logits", t_logits)
+        if len(zs) != self.num_levels:
+            raise ValueError(
+                f"s_logits has {plural(len(zs), 'level')} but the features have {plural(self.num_levels, 'level')}; "
+                "FAMKDLoss distils logits level l beside feature level l, so pass one logits tensor per feature level"
+            )
+        for level, (z, t) in enumerate(zip(zs, t_list)):
+            if not isinstance(z, Tensor) or z.dim() not in (3, 4) or z.numel() == 0:
+                continue  # the logits loss says what is wrong with it
+            hw = tuple(t.shape[-2:])
+            if z.shape[0] != n:
+                raise ValueError(
+                    f"s_logits at level {level} have batch {z.shape[0]} but the features have batch {n} "
+                    f"(logits {tuple(z.shape)})"
+                )
+            if z.dim() == 4 and tuple(z.shape[-2:]) != hw:
+                raise ValueError(
+                    f"s_logits at level {level} are {tuple(z.shape[-2:])} but the features at level {level} are "
+                    f"{hw} (logits {tuple(z.shape)}, teacher feature {tuple(t.shape)}); the dense logits of a level "
+                    "must be on its feature grid"
+                )
+            if z.dim() == 3 and z.shape[1] % (hw[0] * hw[1]) != 0:
+                raise ValueError(
+                    f"flattened s_logits at level {level} have {plural(z.shape[1], 'position')}, not a multiple of "
+                    f"the {hw[0]}x{hw[1]} = {plural(hw[0] * hw[1], 'position')} of the features at level {level} "
+                    f"(logits {tuple(z.shape)}); flattened logits hold A anchors per feature cell"
+                )
 
     @torch.no_grad()
     def fusion_weights(self) -> list[Tensor]:

@@ -16,6 +16,7 @@ from .._validation import (
     check_level_device,
     check_non_negative,
     check_positive,
+    plural,
 )
 from ..functional import attention_from_saliency, box_masks, channel_attention, spatial_attention, squared_error_sum
 from ._base import DistillationLoss
@@ -159,7 +160,9 @@ class FGDLoss(DistillationLoss):
         if isinstance(boxes, Tensor) or not isinstance(boxes, Sequence):
             raise TypeError(f"boxes must be a list of N tensors (n_i, 4), got {type(boxes).__name__}")
         if len(boxes) != n:
-            raise ValueError(f"boxes has {len(boxes)} entries but the batch has {n} images")
+            raise ValueError(
+                f"boxes has {plural(len(boxes), 'entry', 'entries')} but the batch has {plural(n, 'image')}"
+            )
         for i, b in enumerate(boxes):
             if not isinstance(b, Tensor):
                 raise TypeError(f"boxes[{i}] must be a tensor (n, 4), got {type(b).__name__}")
@@ -255,7 +258,9 @@ class FGDLoss(DistillationLoss):
             return loss
         s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
         if len(s_list) != len(self.levels):
-            raise ValueError(f"s_feats has {len(s_list)} levels but this loss was built for {len(self.levels)}")
+            raise ValueError(
+                f"s_feats has {plural(len(s_list), 'level')} but this loss was built for {len(self.levels)}"
+            )
         total = None
         terms: dict[str, Tensor] = {}
         for i, (mod, s, t) in enumerate(zip(self.levels, s_list, t_list)):

@@ -17,6 +17,7 @@ from .._validation import (
     check_positive,
     check_same_device,
     check_tensor,
+    plural,
     warn_if_swapped,
 )
 from ..functional import binary_kl, softmax_kl, to_positions
@@ -74,12 +75,14 @@ class KDLoss(DistillationLoss):
         if s.dim() == 4:
             if self.num_classes is not None and s.shape[1] % self.num_classes != 0:
                 raise ValueError(
-                    f"dense logits{where} have {s.shape[1]} channels, not a multiple of num_classes={self.num_classes}"
+                    f"dense logits{where} have {plural(s.shape[1], 'channel')}, not a multiple of "
+                    f"num_classes={self.num_classes}"
                 )
             return to_positions(s, self.num_classes), to_positions(t, self.num_classes)
         if self.num_classes is not None and s.shape[-1] != self.num_classes:
             raise ValueError(
-                f"logits{where} have {s.shape[-1]} classes in the last dimension but num_classes={self.num_classes}"
+                f"logits{where} have {plural(s.shape[-1], 'class', 'classes')} in the last dimension but "
+                f"num_classes={self.num_classes}"
             )
         return s, t
 

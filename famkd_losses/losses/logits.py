@@ -22,6 +22,7 @@ from .._validation import (
     check_same_device,
     check_scales,
     check_tensor,
+    plural,
     warn_if_swapped,
 )
 from ..functional import (
@@ -131,14 +132,19 @@ class MaskedLogitsLoss(DistillationLoss):
         if s.dim() == 4 and self.head == "softmax" and self.num_classes is None:
             raise ValueError(
                 f"head='softmax' with dense logits{where} {tuple(s.shape)} needs num_classes=K to split the "
-                f"{s.shape[1]} channels into anchors and classes (num_classes={s.shape[1]} if there is one anchor)"
+                f"{plural(s.shape[1], 'channel')} into anchors and classes (num_classes={s.shape[1]} if there is "
+                "one anchor)"
             )
         if s.dim() == 4 and self.num_classes is not None and s.shape[1] % self.num_classes != 0:
             raise ValueError(
-                f"dense logits{where} have {s.shape[1]} channels, not a multiple of num_classes={self.num_classes}"
+                f"dense logits{where} have {plural(s.shape[1], 'channel')}, not a multiple of "
+                f"num_classes={self.num_classes}"
             )
         if s.dim() == 3 and self.num_classes is not None and s.shape[2] != self.num_classes:
-            raise ValueError(f"flattened logits{where} have {s.shape[2]} classes but num_classes={self.num_classes}")
+            raise ValueError(
+                f"flattened logits{where} have {plural(s.shape[2], 'class', 'classes')} but "
+                f"num_classes={self.num_classes}"
+            )
 
     def _guide(
         self,
@@ -193,8 +199,8 @@ class MaskedLogitsLoss(DistillationLoss):
         p = s.shape[1]
         if p % (hf * wf) != 0:
             raise ValueError(
-                f"flattened logits{where} have {p} positions, not a multiple of the features' "
-                f"{hf}x{wf} = {hf * wf} positions"
+                f"flattened logits{where} have {plural(p, 'position')}, not a multiple of the features' "
+                f"{hf}x{wf} = {plural(hf * wf, 'position')}"
             )
         return d.repeat_interleave(p // (hf * wf), dim=1)
 
@@ -215,8 +221,8 @@ class MaskedLogitsLoss(DistillationLoss):
             sf, tf, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
             if len(sf) != len(s_list):
                 raise ValueError(
-                    f"guidance='feature' needs one feature level per logits level: got {len(sf)} feature "
-                    f"levels and {len(s_list)} logits levels"
+                    f"guidance='feature' needs one feature level per logits level: got "
+                    f"{plural(len(sf), 'feature level')} and {plural(len(s_list), 'logits level')}"
                 )
             sf_list, tf_list = list(sf), list(tf)
         total = None

@@ -16,6 +16,7 @@ from .._validation import (
     check_level_device,
     check_non_negative,
     check_ratio,
+    plural,
 )
 from ..functional import bernoulli_mask, reconstruction_error
 from ._base import DistillationLoss
@@ -142,7 +143,9 @@ class MGDLoss(DistillationLoss):
             return loss
         s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
         if len(s_list) != len(self.levels):
-            raise ValueError(f"s_feats has {len(s_list)} levels but this loss was built for {len(self.levels)}")
+            raise ValueError(
+                f"s_feats has {plural(len(s_list), 'level')} but this loss was built for {len(self.levels)}"
+            )
         total = None
         terms: dict[str, Tensor] = {}
         for i, (mod, s, t) in enumerate(zip(self.levels, s_list, t_list)):
