@@ -11,6 +11,7 @@ mmdet or mmrazor cannot be imported.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import json
@@ -856,7 +857,7 @@ def test_real_example_config_builds_and_trains_one_step(openmmlab, example_cfg):
     from mmengine.optim import build_optim_wrapper
 
     _, razor_models = openmmlab
-    cfg = example_cfg.model.copy()
+    cfg = copy.deepcopy(example_cfg.model)  # the module's fixture stays as read
     cfg.teacher_ckpt = None  # the COCO checkpoint is a download: random weights here
     torch.manual_seed(0)
     algo = razor_models.build(cfg)
