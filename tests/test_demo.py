@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -114,7 +115,8 @@ def test_batch_order_is_seeded_full_and_a_prefix_of_longer_runs():
 
 
 def test_every_fpn_level_gets_positives(small_data):
-    """Pitfall 3: with the demo's ranges and cell-centred anchors, P3..P7 all see objects."""
+    """With the demo's ranges and cell-centred anchors, P3..P7 all see objects (with torchvision's ranges
+    every object goes to P3)."""
     targets = [small_data["train"].target(i) for i in range(len(small_data["train"]))]
     for kind in ("fcos", "retinanet"):
         pos = positives_per_level(build_detector(DetectorConfig(kind=kind, backbone=STUDENT)), targets, SMALL.canvas)
@@ -255,6 +257,38 @@ def test_teacher_cache_is_keyed_and_reused(small_data, tmp_path):
     assert not m2.training and not any(p.requires_grad for p in m2.parameters())
 
 
+def test_attention_picture_shows_the_masks_of_the_configured_loss(small_data, tiny_models, tmp_path):
+    from famkd_losses import FULL_METHOD
+    from famkd_losses.demo.methods import FAMKD_DEFAULTS
+    from famkd_losses.demo.report import _attention_options, _teacher_masks, plot_attention
+    from famkd_losses.functional import num_masked
+    from famkd_losses.integrations.torchvision import teacher_outputs
+
+    teacher, _ = tiny_models
+    images, targets = small_data["test"].batch([0], "cpu")
+    feats = teacher_outputs(teacher, images, targets).features
+    # the defaults: the channel branch alone, at scale 1, hiding the least salient channels
+    masks = _teacher_masks(feats, 0, _attention_options(FAMKD_DEFAULTS), seed=0)
+    assert len(masks) == len(feats)
+    for per_scale in masks:
+        assert set(per_scale) == {1} and "spatial" not in per_scale[1]
+        att, mask = per_scale[1]["channel"]
+        c = len(att)
+        hidden = mask == 0
+        assert hidden.sum() == num_masked(c, FAMKD_DEFAULTS["ratio_ch"])
+        assert att[hidden].max() <= att[~hidden].min()
+    # the first reading: both branches, the scales that fit each level
+    masks = _teacher_masks(feats, 0, _attention_options(FULL_METHOD), seed=0)
+    for feat, per_scale in zip(feats, masks):
+        assert set(per_scale) == {s for s in (1, 2, 4) if s <= min(feat.shape[-2:])}
+        for entry in per_scale.values():
+            att, mask = entry["spatial"]
+            assert (mask == 0).sum() == num_masked(att.size, FULL_METHOD["ratio_sp"])
+    for options in (FAMKD_DEFAULTS, FULL_METHOD):
+        (path,) = plot_attention(teacher, small_data["test"], [0], tmp_path, options=options)
+        assert path.name == "attention_test0.png" and path.stat().st_size > 0
+
+
 # ---------------------------------------------------------------- the whole demo
 
 
@@ -290,5 +324,8 @@ def test_quick_demo_end_to_end(tmp_path):
         assert (out / name).stat().st_size > 0, name
     md = (out / "results.md").read_text()
     assert "equal schedule" in md and "equal wall-clock time" in md
+    assert "Smoke run (`--quick`), not evidence" in md
+    for name in summary["plots"]:
+        assert re.search(rf"!\[[^\]]*\]\({re.escape(name)}\)", md), name  # embedded, relative link
     assert len(list(out.glob("attention_test*.png"))) >= 1
     assert len(list((tmp_path / "cache").glob("teacher-fcos-*.pt"))) == 1

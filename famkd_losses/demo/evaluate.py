@@ -1,7 +1,7 @@
 """COCO box AP with pycocotools, with the size ranges set for 128-pixel canvases.
 
 COCO files an object as small below 32^2 px^2 and large above 96^2, for images of about
-640 px. On a 128-px canvas those ranges would call almost every digit small (pitfall 8).
+640 px. On a 128-px canvas those ranges would call almost every digit small.
 The ranges here sit between the demo's digit scale bands, on the box area (w * h):
 small < 14^2, medium 14^2 .. 28^2, large > 28^2. These cut-offs misfile the fewest digits
 of their band (about 3.6% at 14^2, 2.4% at 28^2, mostly thin "1"s filed one range down).

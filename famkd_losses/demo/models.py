@@ -1,10 +1,13 @@
 """The demo's detectors: torchvision FCOS (or RetinaNet) over small backbones with an FPN P3-P7.
 
-Settings chosen for 128 x 128 one-channel canvases (see the demo notes' pitfalls):
+Settings chosen for 128 x 128 one-channel canvases:
 
-- the transform keeps the canvas size (``min_size = max_size = canvas``) and normalises one
-  channel with mean 0.5, std 0.25 (pitfall 1);
-- ``score_thresh = 0.05`` so COCO AP sees the low-confidence tail (pitfall 2);
+- the transform keeps the canvas size (``min_size = max_size = canvas``; torchvision's
+  default resizes every image to 800-1333 px) and normalises one channel with mean 0.5,
+  std 0.25 (torchvision's default is ImageNet's three-channel mean and std);
+- ``score_thresh = 0.05`` (FCOS's torchvision default is 0.2) so COCO AP sees the
+  low-confidence tail: AP integrates precision over all recall levels, and detections cut
+  by the threshold are recall it never counts;
 - anchors (FCOS's locations) sit at the centres of their cells, ``(i + 0.5) * stride``;
   torchvision puts them on the cells' corners, ``i * stride``, so on a 128-px canvas the only
   P7 location would be the pixel (0, 0), which no box can hold strictly inside. Measured on
@@ -13,13 +16,14 @@ Settings chosen for 128 x 128 one-channel canvases (see the demo notes' pitfalls
   edges) overlap: P3 takes every object, as torchvision's default ranges would, and P4..P7
   also take the locations whose largest distance to the edges exceeds 16 / 24 / 32 / 40 px
   (medium and large digits). With torchvision's ranges every object
-  goes to P3 and P4..P7 see only background (pitfall 3), so no feature loss on them, and
+  goes to P3 and P4..P7 see only background, so no feature loss on them, and
   nothing scale-aware, can show; these ranges give every level positives at a cost of about
   3 AP for the student alone (35.9 vs 39.0). Disjoint ranges (each object on one level) left
   about half the objects with no positive location at all and cost 15 AP;
-- the heads keep torchvision's ``GroupNorm(32, C)`` (pitfall 5: C a multiple of 32). With
-  the student's 32 channels each group is one channel, so its head turns the 1 x 1 P7 map into
-  a constant (pitfall 6): the student's P7 predictions are input-independent, while its P7
+- the heads keep torchvision's ``GroupNorm(32, C)``, so the FPN width C must be a multiple of
+  32. With the student's 32 channels each group is one channel, and on the 1 x 1 P7 map a group
+  holds a single value, which normalisation sets to 0: its head turns that map into a constant,
+  so the student's P7 predictions are input-independent, while its P7
   features (what the feature losses see) are not. Fewer groups (16 or 4) avoid that but
   trained far worse here (8.7 and 13.2 AP against 23.8 with 32 groups, same ranges).
 """
@@ -286,7 +290,8 @@ def positives_per_level(
 
     Runs the detector's ``compute_loss`` on zero head outputs of the right shapes (no forward
     pass), observing the matched indices. Returns the positive locations per level, the
-    objects with at least one positive per level, and the objects with none (pitfall 4).
+    objects with at least one positive per level, and the objects with none (no location is trained
+    to detect such an object).
     """
     sizes = [math.ceil(canvas / s) for s in STRIDES]
     a = model.anchor_generator.num_anchors_per_location()[0]
