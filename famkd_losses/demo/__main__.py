@@ -19,7 +19,9 @@ def _parser() -> argparse.ArgumentParser:
             "Distil a torchvision FCOS teacher into a narrower student on MNIST-digit canvases: the student "
             "alone, + MGD, + FGD, + the FAMKD feature part, logits part and both, at an equal schedule, and the "
             "student alone at the wall time of the slowest distilled run. COCO AP on the test split; tables and "
-            "plots in --out. Default: about 12 minutes on 2 CPU cores (the teacher, about 3 of them, is cached)."
+            "plots in --out. Default: about 12 minutes on 2 CPU cores, 9.4 once the teacher (trained on the "
+            "first run, about 2.6 of them) is cached. On a busy machine pass --threads 1: with the cores loaded, "
+            "two torch threads ran 6x slower than one."
         ),
     )
     p.add_argument(
