@@ -254,13 +254,17 @@ def test_mgd_matches_formula_with_generator(mask, cs, ct, n, h, w, ratio):
 
 @pytest.mark.parametrize("mask", ["spatial", "channel"])
 def test_mgd_seed_draws_fresh_masks_each_call(mask):
+    """Call k draws its mask from a generator seeded with ``stream_seed(seed, k)``: the seed
+    itself first, then a hash of (seed, k)."""
+    from famkd_losses.losses._common import stream_seed
+
     mod = randomize_(MGDLoss(4, 6, mask=mask, seed=7, alpha=1.0).double(), seed=3)
     s = randn(2, 4, 6, 5, seed=3)
     t = randn(2, 6, 6, 5, seed=4)
-    g_ref = torch.Generator().manual_seed(7)
     first, second = mod(s, t), mod(s, t)
-    close(first, mgd_literal(mod, s, t, g_ref))
-    close(second, mgd_literal(mod, s, t, g_ref))
+    assert stream_seed(7, 0) == 7
+    close(first, mgd_literal(mod, s, t, torch.Generator().manual_seed(7)))
+    close(second, mgd_literal(mod, s, t, torch.Generator().manual_seed(stream_seed(7, 1))))
     assert not torch.isclose(first, second), "successive calls must draw fresh masks"
 
 

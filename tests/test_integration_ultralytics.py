@@ -171,6 +171,44 @@ def test_one_training_step_trains_the_student_and_the_loss_not_the_teacher(facto
     assert _changed(l0, model.distill_loss) > 0, "the loss's align layers / generators did not train"
 
 
+@pytest.mark.parametrize(
+    "factory",
+    [
+        lambda s, t, nc: MGDLoss(s, t, seed=0),
+        lambda s, t, nc: FAMKDLoss(s, t, num_classes=nc, mask_mode="sample", seed=0),
+    ],
+    ids=["mgd", "famkd_sample"],
+)
+def test_model_ema_takes_a_loss_with_a_seeded_mask_stream(factory):
+    """ultralytics' ModelEMA over a model whose loss carries its mask stream in state_dict (0-d
+    int64 step buffers): updates run, the floating entries are averaged and the steps are left
+    exact; the half-precision checkpoint copy keeps them int64; the model's steps count the calls."""
+    from copy import deepcopy
+
+    from ultralytics.utils.torch_utils import ModelEMA
+
+    teacher, student = _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)
+    model = YOLODistillationModel(teacher, student, factory)
+    model.train()
+    ema = ModelEMA(model)
+    steps = [k for k, v in model.state_dict().items() if k.endswith("mask_step")]
+    assert steps and all(model.state_dict()[k].dtype == torch.int64 for k in steps)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    before = {k: v.detach().clone() for k, v in ema.ema.state_dict().items()}
+    for _ in range(2):
+        loss, _ = model(_batch())
+        loss.sum().backward()
+        opt.step()
+        opt.zero_grad()
+        ema.update(model)
+    msd, esd = model.state_dict(), ema.ema.state_dict()
+    assert all(int(msd[k]) == 2 for k in steps)
+    assert all(esd[k].dtype == torch.int64 and esd[k].shape == () for k in steps)
+    assert any(not torch.equal(esd[k], before[k]) for k in esd if esd[k].dtype.is_floating_point)
+    saved = deepcopy(ema.ema).half().state_dict()  # what ultralytics' checkpoints hold
+    assert all(saved[k].dtype == torch.int64 and torch.equal(saved[k], esd[k]) for k in steps)
+
+
 def test_the_distillation_term_is_the_loss_on_the_heads_tensors():
     """dis_loss equals FAMKDLoss called directly on what the two heads produced."""
     teacher, student = _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)

@@ -384,9 +384,10 @@ def test_compile_default_matches_eager(fresh_dynamo) -> None:
 def test_compile_sample_mode_matches_eager(fresh_dynamo) -> None:
     """``mask_mode="sample"`` with a seed under ``torch.compile(fullgraph=False)`` (inductor):
     the seeded mask draws graph-break (a ``torch.Generator`` is opaque to dynamo) and run
-    eagerly, so the random stream is the eager one: three consecutive calls give the losses and
-    gradients of an eager module with the same seed and state_dict (rtol COMPILE_RTOL). One
-    level, to keep the many graph fragments cheap to compile."""
+    eagerly, so the random stream is the eager one: five consecutive calls give the losses and
+    gradients of an eager module with the same seed and state_dict (rtol COMPILE_RTOL). The
+    stream's step (a host counter) runs eagerly too: no frame is compiled again after the
+    second call. One level, to keep the many graph fragments cheap to compile."""
 
     def factory() -> nn.Module:
         return FAMKDLoss(S_CH[:1], T_CH[:1], mask_mode="sample", seed=MASK_SEED)
@@ -398,7 +399,8 @@ def test_compile_sample_mode_matches_eager(fresh_dynamo) -> None:
     compiled = torch.compile(compiled_module, fullgraph=False)
     student, teacher = _compile_inputs(0, 1)
     losses = []
-    for call in range(3):
+    frames = {}
+    for call in range(5):
         ref_loss, ref_grads = _run(case, eager, student, teacher)
         loss, grads = _run(case, compiled, student, teacher)
         assert torch.isfinite(loss)
@@ -407,7 +409,9 @@ def test_compile_sample_mode_matches_eager(fresh_dynamo) -> None:
         losses.append(loss.item())
         for p in list(eager.parameters()) + list(compiled_module.parameters()):
             p.grad = None
+        frames[call] = torch._dynamo.utils.counters["frames"]["ok"]
     assert len(set(losses)) > 1, "the sample-mode masks did not change between calls"
+    assert frames[4] == frames[1], f"frames compiled after the second call: {frames}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -787,6 +791,98 @@ def test_state_dict_round_trip(name: str) -> None:
     torch.testing.assert_close(
         _losses(case, other, student, teacher), _losses(case, module, student, teacher), rtol=0.0, atol=0.0
     )
+
+
+# The seeded random mask streams (FAMKD "sample"/"random", MGD): copies and resumed runs
+# continue them. The stream is (seed, step); state_dict carries the step as an int64 buffer.
+STREAM_CASES = ["mgd", "famkd_sample", "famkd_random"]
+
+
+def _advance(case: Case, module: nn.Module, student: list[Tensor], teacher: list[Tensor], calls: int) -> None:
+    _losses(case, module, student, teacher, calls)
+
+
+@pytest.mark.parametrize("name", STREAM_CASES)
+def test_resume_continues_the_mask_stream(name: str) -> None:
+    """Three calls, a checkpoint (state_dict through torch.save/torch.load), three more calls:
+    a module built from another parameter seed and given the checkpoint makes exactly the
+    uninterrupted run's last three calls (same masks)."""
+    import io
+
+    case = CASES[name]
+    student, teacher = case.make_inputs()
+    run = case.build()
+    _advance(case, run, student, teacher, 3)
+    buffer = io.BytesIO()
+    torch.save(run.state_dict(), buffer)
+    want = _losses(case, run, student, teacher, 3)
+    resumed = case.build(seed=PARAM_SEED + 1)
+    buffer.seek(0)
+    resumed.load_state_dict(torch.load(buffer))
+    torch.testing.assert_close(_losses(case, resumed, student, teacher, 3), want, rtol=0.0, atol=0.0)
+    fresh = case.build()  # not a replay of the stream's start
+    assert not torch.equal(_losses(case, fresh, student, teacher, 3), want)
+
+
+@pytest.mark.parametrize("name", STREAM_CASES)
+def test_copies_continue_the_mask_stream(name: str) -> None:
+    """After two calls, a deepcopy and a pickle round trip make the original's next three calls
+    (they do not restart from the seed)."""
+    case = CASES[name]
+    student, teacher = case.make_inputs()
+    module = case.build()
+    _advance(case, module, student, teacher, 2)
+    copies = {"deepcopy": copy.deepcopy(module), "pickle": pickle.loads(pickle.dumps(module))}
+    want = _losses(case, module, student, teacher, 3)
+    for how, other in copies.items():
+        torch.testing.assert_close(_losses(case, other, student, teacher, 3), want, rtol=0.0, atol=0.0, msg=how)
+
+
+@pytest.mark.parametrize("name", STREAM_CASES)
+def test_mask_stream_state_is_ema_safe(name: str) -> None:
+    """The stream's state_dict entries are 0-d int64 tensors: their shape never changes,
+    ``.half()``/``.to(bfloat16)`` leave them exact, an EMA that averages the floating entries
+    (ultralytics) or every entry with a cast back (timm's ModelEmaV2) runs, and the first call of a
+    fresh module draws from the seed itself (as before the stream had a step)."""
+    from famkd_losses.losses._common import stream_seed
+
+    case = CASES[name]
+    student, teacher = case.make_inputs()
+    module = case.build()
+    steps = {k: v for k, v in module.state_dict().items() if k.endswith("mask_step")}
+    levels = 2  # every case has two levels, each with its own stream (seed + level)
+    assert len(steps) == levels and all(v.shape == () and v.dtype == torch.int64 for v in steps.values())
+    assert all(int(v) == 0 for v in steps.values())
+    assert stream_seed(MASK_SEED, 0) == MASK_SEED
+    ema = copy.deepcopy(module)
+    for _ in range(3):
+        _advance(case, module, student, teacher, 1)
+        msd = module.state_dict()
+        for k, v in ema.state_dict().items():
+            assert v.shape == msd[k].shape
+            if v.dtype.is_floating_point:  # ultralytics' ModelEMA
+                v.mul_(0.9).add_(0.1 * msd[k])
+            else:  # timm's ModelEmaV2 averages every entry and casts back
+                v.copy_(v * 0.9 + 0.1 * msd[k])
+    assert all(int(module.state_dict()[k]) == 3 for k in steps)
+    for dtype in (torch.float16, torch.bfloat16):
+        low = copy.deepcopy(module).to(dtype).state_dict()
+        assert all(low[k].dtype == torch.int64 and int(low[k]) == 3 for k in steps)
+
+
+def test_mask_stream_state_loads_across_configurations() -> None:
+    """The step is not a learned value: a state_dict without it (an unseeded module's, or one
+    saved before it existed) loads into a seeded module and keeps its stream where it is, and a
+    seeded module's loads into an unseeded one, both strictly."""
+    seeded = MGDLoss(S_CH, T_CH, seed=MASK_SEED)
+    plain = MGDLoss(S_CH, T_CH)
+    assert not any(k.endswith("mask_step") for k in plain.state_dict())
+    student, teacher = _features(torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        seeded(student, teacher)
+    seeded.load_state_dict(plain.state_dict())
+    assert all(int(v) == 1 for k, v in seeded.state_dict().items() if k.endswith("mask_step"))
+    plain.load_state_dict(seeded.state_dict())
 
 
 _DTYPES = {"fp32": torch.float32, "fp64": torch.float64, "bf16": torch.bfloat16}

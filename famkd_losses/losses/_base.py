@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._common import MASK_STEP
+
 __all__ = ["DistillationLoss"]
 
 
@@ -32,6 +34,45 @@ class DistillationLoss(nn.Module):
         state = self.__dict__.copy()
         state.pop("_compiled_forward", None)  # rebuilt on the next call
         return state
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        # the mask stream's step is counted on the host; the buffer gets it when it is saved
+        counter = self._buffers.get(MASK_STEP)
+        source = self.__dict__.get("_random")
+        if counter is not None and source is not None and counter.device.type != "meta":
+            with torch.no_grad():
+                counter.fill_(source.step)
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(
+        self,
+        state_dict: dict,
+        prefix: str,
+        local_metadata: dict,
+        strict: bool,
+        missing_keys: list,
+        unexpected_keys: list,
+        error_msgs: list,
+    ) -> None:
+        # The mask stream's step (buffer "mask_step" of seeded random-mask modules, see
+        # `register_mask_step`): restored with the buffer. It is not a learned value, so a
+        # state_dict without it (saved before it existed, or by a module without a seed) loads,
+        # and so does one with it into a module that has none.
+        key = prefix + MASK_STEP
+        given = key in state_dict
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        counter = self._buffers.get(MASK_STEP)
+        source = self.__dict__.get("_random")
+        if counter is not None and source is not None:
+            if given:
+                if counter.device.type != "meta":
+                    source.step = int(counter)
+            elif key in missing_keys:
+                missing_keys.remove(key)
+        elif given and key in unexpected_keys:
+            unexpected_keys.remove(key)
 
     def _record(self, terms: dict[str, Tensor | Callable[[], Tensor]]) -> None:
         """Keep this call's parts for `last_terms`: tensors (detached), or zero-argument functions

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import sys
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -20,6 +25,9 @@ __all__ = [
     "FeatureGenerator",
     "to_module_dtype",
     "RandomSource",
+    "stream_seed",
+    "MASK_STEP",
+    "register_mask_step",
     "resize_to",
     "align_student",
 ]
@@ -68,35 +76,105 @@ def resize_to(x: Tensor, size: tuple[int, int], resize: bool, name: str, ref_nam
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
-class RandomSource:
-    """Seeded random draws that advance on every call, one ``torch.Generator`` per device.
+_EAGER: dict[Callable, Callable] = {}
 
-    With ``seed=None`` draws come from PyTorch's global generator (``torch.manual_seed``).
+
+def run_eagerly(fn: Callable) -> Callable:
+    """``fn``, run eagerly under ``torch.compile`` (one graph break) instead of traced.
+
+    For host-side state such as a call counter: traced, every new value would be a guard
+    failure and a recompile. ``torch._dynamo`` is imported only once something else has
+    imported it (``torch.compile`` does), so importing this package stays cheap.
     """
 
-    def __init__(self, seed: int | None) -> None:
+    @functools.wraps(fn)
+    def inner(*args: Any, **kwargs: Any) -> Any:
+        eager = _EAGER.get(fn)
+        if eager is None:
+            if "torch._dynamo" not in sys.modules:
+                return fn(*args, **kwargs)  # nothing can be compiling
+            import torch._dynamo
+
+            eager = _EAGER[fn] = torch._dynamo.disable(fn)
+        return eager(*args, **kwargs)
+
+    return inner
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(z: int) -> int:
+    """SplitMix64's finaliser: a bijection of 64-bit ints that spreads nearby inputs apart."""
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def stream_seed(seed: int, step: int) -> int:
+    """The seed of call ``step`` (0, 1, ...) of a mask stream seeded with ``seed``.
+
+    Call 0 uses ``seed`` itself; later calls a SplitMix64 hash of (seed, step), so the streams
+    of nearby seeds (level l of a multi-level loss uses ``seed + l``) share no draws.
+    """
+    if step == 0:
+        return seed
+    return _mix64((_mix64(seed & _MASK64) + step * 0x9E3779B97F4A7C15) & _MASK64)
+
+
+class RandomSource:
+    """Seeded random draws: call k of `next` draws from a ``torch.Generator`` seeded with
+    ``stream_seed(seed, k)`` (one generator object per device, re-seeded on every call).
+
+    The whole stream is (seed, step): copies (deepcopy, pickle) continue it, and a module keeps
+    ``step`` in its ``state_dict`` as the int64 buffer ``mask_step`` (see `register_mask_step`),
+    so a resumed run continues it too. With ``seed=None`` draws come from PyTorch's global
+    generator (``torch.manual_seed``) and there is no step.
+    """
+
+    def __init__(self, seed: int | None, step: int = 0) -> None:
         self.seed = check_seed("seed", seed)
+        self.step = step
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def get(self, device: torch.device) -> torch.Generator | None:
+    @run_eagerly
+    def next(self, device: torch.device) -> torch.Generator | None:
+        """The generator of this call's draws on ``device`` (``None``: the global one), seeded from
+        (seed, step); advances the step."""
         if self.seed is None:
             return None
         gen = self._generators.get(device)
         if gen is None:
-            gen = torch.Generator(device=device)
-            gen.manual_seed(self.seed)
-            self._generators[device] = gen
+            gen = self._generators[device] = torch.Generator(device=device)
+        gen.manual_seed(stream_seed(self.seed, self.step))
+        self.step += 1
         return gen
 
     def __deepcopy__(self, memo: dict) -> RandomSource:
-        return RandomSource(self.seed)
+        return RandomSource(self.seed, self.step)
 
     def __getstate__(self) -> dict:
-        return {"seed": self.seed}
+        return {"seed": self.seed, "step": self.step}
 
     def __setstate__(self, state: dict) -> None:
         self.seed = state["seed"]
+        self.step = state.get("step", 0)
         self._generators = {}
+
+
+MASK_STEP = "mask_step"
+
+
+def register_mask_step(module: nn.Module, source: RandomSource) -> None:
+    """Give a module with a seeded `RandomSource` the buffer ``mask_step``: the number of calls
+    drawn so far, a 0-d int64 tensor, so ``state_dict`` carries the mask stream. Fixed shape and
+    an integer dtype: EMA implementations (ultralytics, timm) average floating entries only,
+    ``.half()``/``.to(dtype)`` leave it exact, and ``load_state_dict`` restores the stream.
+    The count itself lives on the host (no launch per call); `DistillationLoss` writes it into
+    the buffer when ``state_dict`` is taken and reads it back on load. A module without a seed
+    has no such buffer."""
+    if source.seed is not None:
+        module.register_buffer(MASK_STEP, torch.zeros((), dtype=torch.int64))
 
 
 def align_student(loss: nn.Module, s_feat: Tensor, t_feat: Tensor, level: int | None = None) -> Tensor:

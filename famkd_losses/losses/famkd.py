@@ -75,7 +75,8 @@ class FAMKDLoss(DistillationLoss):
         resize_student: resize the student bilinearly to the teacher's size where the spatial
             sizes differ; if ``False``, a mismatch is an error.
         seed: seed of the random mask modes (``"sample"``, ``"random"``); level l uses
-            ``seed + l``. ``None`` draws from the global generator.
+            ``seed + l``. ``None`` draws from the global generator. The stream continues
+            through copies and ``state_dict`` (see `ScaleAwareMaskedFeatureLoss`).
         head: ``"sigmoid"``: the per-class binary KL (dense detectors); ``"softmax"``:
             Hinton's KL over the K classes of each anchor (e.g. an RoI classifier's (P, K+1)
             logits).

@@ -31,7 +31,14 @@ from ..functional import (
 )
 from ..functional._dtypes import acc_dtype
 from ._base import DistillationLoss
-from ._common import FeatureGenerator, RandomSource, align_student, make_align, to_module_dtype
+from ._common import (
+    FeatureGenerator,
+    RandomSource,
+    align_student,
+    make_align,
+    register_mask_step,
+    to_module_dtype,
+)
 
 __all__ = ["ScaleAwareMaskedFeatureLoss", "BRANCHES", "WEIGHTINGS"]
 
@@ -70,7 +77,9 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         resize_student: resize the student bilinearly to the teacher's size when the spatial
             sizes differ; otherwise that is an error.
         seed: seed of the masks' random draws (``"sample"``/``"random"``); ``None`` uses the
-            global generator.
+            global generator. Call k draws from a generator seeded from (seed, k) (the seed
+            itself for the first call); copies continue the stream, and ``state_dict`` carries
+            k as the 0-d int64 buffer ``mask_step`` (EMA-safe), so a resumed run continues it.
         backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (fused kernels for the
             branch fusion, error, weighting and reduction; inputs the kernels do not take, such
             as float64, run the reference).
@@ -138,6 +147,8 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         self.resize_student = bool(resize_student)
         self.backend = check_backend(backend)
         self._random = RandomSource(seed)
+        if self.mask_mode in ("sample", "random"):
+            register_mask_step(self, self._random)  # the stream's position, in state_dict
 
         self.align = make_align(self.student_channels, self.teacher_channels)
         per_branch = 1 if self.share_generators else len(self.scales)
@@ -193,7 +204,7 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         h, w = t_feat.shape[-2:]
         used = active_scales(h, w, self.scales)
         random = self.mask_mode in ("sample", "random")
-        generator = self._random.get(x.device) if random else None
+        generator = self._random.next(x.device) if random else None
         total: Tensor | None = None  # the first term itself: no zero to add (one launch less)
         terms: dict[int, Tensor] = {}
         fused = use_triton(self.backend, x, t_feat)

@@ -20,7 +20,14 @@ from .._validation import (
 )
 from ..functional import bernoulli_mask, reconstruction_error
 from ._base import DistillationLoss
-from ._common import FeatureGenerator, RandomSource, align_student, make_align, to_module_dtype
+from ._common import (
+    FeatureGenerator,
+    RandomSource,
+    align_student,
+    make_align,
+    register_mask_step,
+    to_module_dtype,
+)
 
 __all__ = ["MGDLoss"]
 
@@ -48,7 +55,9 @@ class MGDLoss(DistillationLoss):
         alpha: loss weight.
         mask: ``"spatial"`` or ``"channel"``.
         generator: a ``torch.Generator`` the masks are drawn from (reproducible runs).
-        seed: alternatively, a seed; a generator per device is made from it.
+        seed: alternatively, a seed: call k draws from a generator seeded from (seed, k) (the
+            seed itself for the first call); copies continue the stream, and ``state_dict``
+            carries k as the 0-d int64 buffer ``mask_step``, so a resumed run continues it.
         resize_student: bilinearly resize the student to the teacher's size if they differ.
         backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"`` (the fused error kernel).
 
@@ -110,9 +119,13 @@ class MGDLoss(DistillationLoss):
             self.teacher_channels = check_channels("teacher_channels", teacher_channels)
             self.align = make_align(self.student_channels, self.teacher_channels)
             self.generation = FeatureGenerator(self.teacher_channels)
+            register_mask_step(self, self._random)  # the stream's position, in state_dict
 
     def _draw(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
-        gen = self.generator if self.generator is not None else self._random.get(device)
+        if self.generator is not None:
+            gen = self.generator
+        else:
+            gen = self._random.next(device)
         return bernoulli_mask(shape, self.ratio, gen, device)
 
     def _level(self, s: Tensor, t: Tensor, level: int | None) -> Tensor:
