@@ -22,9 +22,11 @@ run stopped part-way leaves what it measured.
 
 from __future__ import annotations
 
+import multiprocessing
 import platform
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -76,6 +78,7 @@ class PlateauConfig:
     data: DataConfig = field(default_factory=DataConfig)
     cache_dir: Path = field(default_factory=default_cache_dir)
     progress: bool = True
+    jobs: int = 1  # student runs trained at once, in forked processes sharing the torch threads
 
     @classmethod
     def preset(cls, quick: bool = False, **overrides: Any) -> PlateauConfig:
@@ -316,6 +319,14 @@ def _gain_text(gain: float | None, tol: float) -> str:
     return f"{gain:+.1f} AP ({'plateau' if gain < tol else 'NOT at its plateau'})"
 
 
+_FORKED_RUN: Callable[..., dict] | None = None
+
+
+def _forked_run(*item: Any) -> dict:
+    assert _FORKED_RUN is not None, "run in a worker forked by run_plateau"
+    return _FORKED_RUN(*item)
+
+
 def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run the plateau protocol of ``cfg``; write its tables, JSON and plot under ``cfg.out`` as it goes."""
     if log is None:
@@ -372,7 +383,9 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     cache = TeacherCache(teacher, splits["train"], cfg.device)
     student_every = max(1, cfg.student_iters // cfg.eval_points)
 
-    def one(key: str, seed: int, role: str, options: dict | None = None) -> None:
+    def one(key: str, seed: int, role: str, options: dict | None) -> dict:
+        if cfg.jobs > 1:
+            torch.set_num_threads(max(1, threads // cfg.jobs))
         run = runner.student_run(
             key,
             seed,
@@ -387,20 +400,37 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
         run.pop("curves")
         run["test"] = run.pop("metrics")
         run.update(key=key, role=role, options=options or {}, label=_label(key, options))
-        state["runs"].append(run)
+        return run
+
+    threads = torch.get_num_threads()
+    state["student_params"] = num_parameters(runner.build_student())
+    plan = []
+    for i, seed in enumerate(cfg.seed + k for k in range(cfg.seeds)):
+        plan += [(key, seed, "main", None) for key in ("student", "famkd", "mgd")]
+        if i < cfg.fgd_seeds:
+            plan.append(("fgd", seed, "main", None))
+    if cfg.ablation:
+        plan += [("famkd", cfg.seed, "ablation", change) for change in ABLATION[: cfg.ablation_variants]]
+    done: dict[int, dict] = {}
+
+    def record(i: int, run: dict) -> None:
+        done[i] = run
+        state["runs"] = [done[k] for k in sorted(done)]  # in plan order, whatever finished first
         state["wall_s"] = time.perf_counter() - start
         _write(cfg, state)
 
-    state["student_params"] = num_parameters(runner.build_student())
-    seeds = [cfg.seed + i for i in range(cfg.seeds)]
-    for i, seed in enumerate(seeds):
-        for key in ("student", "famkd", "mgd"):
-            one(key, seed, "main")
-        if i < cfg.fgd_seeds:
-            one("fgd", seed, "main")
-    if cfg.ablation:
-        for change in ABLATION[: cfg.ablation_variants]:
-            one("famkd", cfg.seed, "ablation", change)
+    if cfg.jobs <= 1:
+        for i, item in enumerate(plan):
+            record(i, one(*item))
+    else:
+        # forked workers inherit the data, the teacher and its cache; each trains one run at a time
+        global _FORKED_RUN
+        _FORKED_RUN = one  # a closure cannot be pickled; forked workers find it here
+        ctx = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx) as pool:
+            futures = {pool.submit(_forked_run, *item): i for i, item in enumerate(plan)}
+            for fut in as_completed(futures):
+                record(futures[fut], fut.result())
     state["wall_s"] = time.perf_counter() - start
     return _write(cfg, state)
 
