@@ -115,7 +115,7 @@ def build_loss(
 def default_weights(key: str, loss: nn.Module) -> dict[str, float]:
     """The term weights a loss module of method ``key`` carries."""
     if key == "famkd":
-        return {"feature": float(loss.alpha), "logits": float(loss.beta)}
+        return {"feature": float(loss.feature_losses[0].alpha), "logits": float(loss.logits_loss.beta)}
     if key == "mgd":
         return {"feature": float(loss.alpha)}
     return {"feature": float(loss.loss_weight)}
