@@ -227,6 +227,29 @@ def test_default_weights_are_the_package_defaults(small_data, tmp_path):
         YoloConfig.preset(kd_weights="tuned")
 
 
+def test_teacher_is_trained_once_per_configuration(tmp_path, monkeypatch):
+    from famkd_losses.demo import yolo
+
+    calls = []
+
+    def fake_train(cfg, model_yaml, data_yaml, *, epochs, seed, project, name, **extra):
+        calls.append((epochs, project))
+        weights = tmp_path / f"{name}.pt"
+        weights.write_bytes(b"weights")
+        return {"weights": str(weights), "epochs": epochs, "train_s": 1.0, "median_epoch_s": 0.5}
+
+    monkeypatch.setattr(yolo, "_train", fake_train)
+    cfg = YoloConfig.preset(True, cache_dir=tmp_path / "cache")
+    path, record = yolo._teacher(cfg, tmp_path / "t.yaml", tmp_path / "data.yaml", log=lambda _: None)
+    assert not record["cached"] and path.read_bytes() == b"weights" and path.parent == tmp_path / "cache"
+    again, record = yolo._teacher(cfg, tmp_path / "t.yaml", tmp_path / "data.yaml", log=lambda _: None)
+    assert again == path and record["cached"] and len(calls) == 1
+    assert calls[0][1] == tmp_path / "cache" / "yolo-runs"  # ultralytics' run folder: in the cache
+    longer = YoloConfig.preset(True, cache_dir=tmp_path / "cache", teacher_epochs=3)
+    other, _ = yolo._teacher(longer, tmp_path / "t.yaml", tmp_path / "data.yaml", log=lambda _: None)
+    assert other != path and calls[-1][0] == 3
+
+
 # ---------------------------------------------------------------- tables
 
 

@@ -48,7 +48,7 @@ from .train import config_hash
 from .yolo_data import image_paths, write_yolo_dataset, yolo_dataset_dir
 from .yolo_losses import KD_WEIGHTS, builtin_probe, calibrated_loss, probe_batch
 from .yolo_models import YOLO_STUDENT, YOLO_TEACHER, YoloModelSpec, write_model_yaml
-from .yolo_report import LABELS, paired, plot_ap, results_markdown
+from .yolo_report import LABELS, _epochs, paired, plot_ap, results_markdown
 
 __all__ = ["TRAIN_ARGS", "YoloConfig", "run_yolo", "evaluate_weights"]
 
@@ -419,7 +419,10 @@ def run_yolo(cfg: YoloConfig, log: Callable[[str], None] | None = None) -> dict:
         "wall_s": 0.0,
     }
     state["versions_text"] = ", ".join(f"{k} {v}" for k, v in state["versions"].items())
-    state["machine"] += f", torch threads: {torch.get_num_threads()}"
+    if cfg.device == "cpu":
+        from ultralytics.utils import NUM_THREADS
+
+        state["machine"] += f", ultralytics trains with {NUM_THREADS} torch thread{'s' if NUM_THREADS > 1 else ''}"
     bp = builtin_probe(_student_probe(cfg, student_yaml, cfg.seed), str(teacher_pt), probe)
     state["builtin_probe"], state["builtin_dis"] = bp, bp["dis"]
 
@@ -526,6 +529,6 @@ def _plot_title(cfg: YoloConfig, state: dict) -> str:
     quick = " (quick smoke run, not evidence)" if cfg.quick else ""
     return (
         f"YOLOv8 on digit canvases through ultralytics' trainer: COCO AP on the test split{quick}\n"
-        f"students {cfg.student_epochs} epochs, teacher {cfg.teacher_epochs}; seeds "
+        f"students {_epochs(cfg.student_epochs)}, teacher {_epochs(cfg.teacher_epochs)}; seeds "
         f"{', '.join(map(str, state['seeds']))} (MGD, CWD: the first {cfg.extra_seeds}); {state['machine']}"
     )

@@ -83,6 +83,10 @@ def _table(rows: Sequence[dict], ref_ap: float | None) -> list[str]:
     return lines
 
 
+def _epochs(n: int) -> str:
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
 def _ranges() -> str:
     cuts = [math.sqrt(AREA_RANGES["small"][1]), math.sqrt(AREA_RANGES["large"][0])]
     return f"small < {cuts[0]:.0f}^2, medium {cuts[0]:.0f}^2-{cuts[1]:.0f}^2, large > {cuts[1]:.0f}^2 px^2"
@@ -209,21 +213,16 @@ def plot_ap(state: dict, path: Path, *, title: str) -> None:
     rows = aggregate(state["runs"] + ([state["teacher_run"]] if state.get("teacher_run") else []))
     fig, ax = plt.subplots(figsize=(12, 5.5))
     x = np.arange(len(rows))
-    for xi, r in zip(x, rows):
-        n = len(r["seeds"])
-        label = f"{r['label']} ({n} seed{'s' if n > 1 else ''}, {r['epochs']} epochs)"
-        ax.bar(
-            xi,
-            r["mean"]["AP"],
-            color=method_color(r["key"]),
-            yerr=r["std"]["AP"] if n > 1 else None,
-            capsize=4,
-            label=label,
-        )
-        ax.text(xi, r["mean"]["AP"], f"{r['mean']['AP']:.1f}", ha="center", va="bottom", fontsize=8)
     ultra = [r["mean"]["mAP50-95"] for r in rows]
-    ax.plot(x, ultra, "kD", ms=5, ls="none", label="ultralytics mAP50-95 on the test split (mean over seeds)")
     top = max([r["mean"]["AP"] + r["std"]["AP"] for r in rows] + ultra + [1.0])
+    for xi, r, u in zip(x, rows, ultra):
+        n = len(r["seeds"])
+        label = f"{r['label']} ({n} seed{'s' if n > 1 else ''}, {_epochs(r['epochs'])})"
+        spread = r["std"]["AP"] if n > 1 else 0.0
+        ax.bar(xi, r["mean"]["AP"], color=method_color(r["key"]), yerr=spread or None, capsize=4, label=label)
+        above = max(r["mean"]["AP"] + spread, u) + 0.02 * top
+        ax.text(xi, above, f"{r['mean']['AP']:.1f}", ha="center", va="bottom", fontsize=8)
+    ax.plot(x, ultra, "kD", ms=5, ls="none", label="ultralytics mAP50-95 on the test split (mean over seeds)")
     ax.set_ylim(0, top * 1.15)
     ax.set_xticks(x, [textwrap.fill(r["label"], 20) for r in rows], fontsize=8)
     ax.set(xlabel="method", ylabel="COCO AP on the test split, %")
