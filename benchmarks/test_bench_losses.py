@@ -211,7 +211,10 @@ def test_loss_speed(benchmark, record, device, case_name, dtype_name, workload, 
         run()
         peak = torch.cuda.max_memory_allocated(device) - base
     rounds = 20 if device.type == "cuda" else 7
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    loss = benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+    assert torch.isfinite(loss).all(), f"{workload} ({provider}) gave a non-finite loss"
+    if benchmark.disabled:  # --benchmark-disable: run once as a plain test; no timing to record
+        return
     median = benchmark.stats.stats.median
     read, written = _bytes([*s, *t, *(zs or []), *(zt or [])], [*s, *(zs or [])] if grad else [])
     moved = read * (2 if grad else 1) + written
