@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .._validation import plural
 from ..integrations.torchvision import DetectorOutputs, teacher_outputs
 from .data import DataConfig, DetectionSplit, make_dataset
 from .evaluate import METRICS, evaluate, mean_std
@@ -343,7 +344,7 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     splits = make_dataset(cfg.data)
     canvas = cfg.data.canvas
     log(
-        f"famkd-losses plateau protocol on {cfg.device}, {torch.get_num_threads()} threads, "
+        f"famkd-losses plateau protocol on {cfg.device}, {plural(torch.get_num_threads(), 'thread')}, "
         f"{'quick' if cfg.quick else 'default'} sizes -> {out}"
     )
     every = max(1, cfg.teacher_iters // cfg.eval_points)
@@ -363,7 +364,8 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     t_test = evaluate(teacher, splits["test"], canvas, cfg.device)
     state: dict[str, Any] = {
         "config": cfg.to_dict(),
-        "device": f"{cfg.device} ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
+        "device": f"{cfg.device} ({platform.processor() or platform.machine()}, "
+        f"{plural(torch.get_num_threads(), 'thread')})",
         "versions": {"torch": torch.__version__, "python": platform.python_version()},
         "data": ", ".join(f"{n} {len(s)} canvases / {s.num_objects()} digits" for n, s in splits.items()),
         "train_canvases": len(splits["train"]),
