@@ -7,13 +7,16 @@ ultralytics in offline mode with its settings in a temporary folder.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import socket
+import sys
 import tempfile
 import traceback
 
 os.environ["YOLO_OFFLINE"] = "1"
-os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="famkd-ultralytics-")  # never the user's folder
+if "ultralytics" not in sys.modules:  # it reads the folder once, on import: keep the one it has
+    os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="famkd-ultralytics-")  # never the user's folder
 
 import inspect
 import json
@@ -23,8 +26,11 @@ import numpy as np
 import pytest
 import torch
 
-for _mod in ("ultralytics", "torchvision", "mlxtend", "pycocotools", "matplotlib", "tqdm", "yaml"):
-    pytest.importorskip(_mod, reason="the demo and ultralytics extras are not installed")
+# found, not imported: ultralytics is first imported by a test, under the settings folder set above
+if importlib.util.find_spec("ultralytics") is None:
+    pytest.skip("ultralytics not installed: pip install famkd-losses[ultralytics]", allow_module_level=True)
+for _mod in ("torchvision", "mlxtend", "pycocotools", "matplotlib", "tqdm", "yaml"):
+    pytest.importorskip(_mod, reason="the demo extra is not installed")
 
 from famkd_losses import CWDLoss, FAMKDLoss  # noqa: E402
 from famkd_losses.demo.data import SPLITS, DataConfig, make_dataset  # noqa: E402
@@ -225,6 +231,8 @@ def test_default_weights_are_the_package_defaults(small_data, tmp_path):
         calibrated_loss("famkd", student, teacher, batch, kd_weights="tuned")
     with pytest.raises(ValueError, match="kd_weights must be one of"):
         YoloConfig.preset(kd_weights="tuned")
+    with pytest.raises(ValueError, match="student_epochs must be at least 1"):
+        YoloConfig.preset(student_epochs=0)
 
 
 def test_teacher_is_trained_once_per_configuration(tmp_path, monkeypatch):
