@@ -28,8 +28,9 @@ def small_data():
 
 def test_plateau_gain_is_last_minus_three_quarters():
     curve = [(i * 100, {"AP": float(v)}) for i, v in enumerate([0, 10, 20, 30, 35, 38, 39, 39.5, 40], start=1)]
-    # last point 900; the point nearest 675 is 700 (39.0)
-    assert plateau_gain(curve) == pytest.approx(40 - 39.0)
+    # last point 900; 3/4 of it is 675, a quarter of the way from 600 (38.0) to 700 (39.0)
+    assert plateau_gain(curve) == pytest.approx(40 - 38.75)
+    assert plateau_gain([(10, {"AP": 5.0}), (20, {"AP": 9.0})]) == pytest.approx(2.0)  # 9 - 7, halfway at 15
     assert plateau_gain(curve[:1]) is None
 
 

@@ -22,6 +22,7 @@ run stopped part-way leaves what it measured.
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import platform
 import time
@@ -158,13 +159,19 @@ class TeacherCache:
 
 
 def plateau_gain(curve: Sequence[tuple[int, dict]], metric: str = "AP") -> float | None:
-    """AP gained over the last quarter of a run: the last point minus the point nearest to 3/4 of it."""
+    """``metric`` gained over the last quarter of a run: the last point minus the curve at 3/4 of
+    the last point's iteration (linear between the evaluation points around it)."""
     if len(curve) < 2:
         return None
     last_it, last = curve[-1]
     ref_it = 0.75 * last_it
-    _, ref = min(curve[:-1], key=lambda p: abs(p[0] - ref_it))
-    return last[metric] - ref[metric]
+    points = [(float(it), m[metric]) for it, m in curve]
+    if ref_it <= points[0][0]:
+        return last[metric] - points[0][1]
+    for (x0, y0), (x1, y1) in itertools.pairwise(points):
+        if x0 <= ref_it <= x1:
+            return last[metric] - (y0 + (y1 - y0) * (ref_it - x0) / (x1 - x0))
+    return None
 
 
 def _label(key: str, options: dict | None) -> str:
