@@ -54,13 +54,13 @@ __all__ = ["TRAIN_ARGS", "YoloConfig", "run_yolo", "evaluate_weights"]
 
 CACHE_VERSION = 1
 
-# ultralytics' defaults except these, the same for every run (teacher included). Its optimizer="auto"
-# picks AdamW at lr 7.1e-4 with a gradient step every 64 images and a 3-epoch warm-up for a schedule
-# this short, which leaves a few-epoch student almost untrained; AdamW at 2e-3 (the FCOS demo's
-# rate), a step per batch (nbs = batch), half an epoch of warm-up with the bias lr rising from 0
-# (as "auto" sets it) and ultralytics' linear decay to lrf = 0.01 train it. Digits are not mirror
-# symmetric: no horizontal flips. Mosaic: ultralytics' close_mosaic=10 turns it off for runs of at
-# most 10 epochs (all the default ones).
+# ultralytics' defaults except these, the same for every run (teacher included). For a schedule this
+# short its optimizer="auto" picks AdamW at lr 7.1e-4 with a gradient step every 64 images (nbs) and
+# warms up for min(3, epochs - 1) epochs: a 2-epoch student would take 94 steps, half of them in
+# warm-up. Here: AdamW at 2e-3 (the FCOS demo's rate), a step per batch (nbs = batch: 376 steps in
+# 2 epochs), half an epoch of warm-up with the bias lr rising from 0 (as "auto" sets it), then
+# ultralytics' linear decay to lrf = 0.01. Digits are not mirror symmetric: no horizontal flips.
+# Mosaic: ultralytics' close_mosaic=10 turns it off for runs of at most 10 epochs (all the default ones).
 TRAIN_ARGS: dict[str, Any] = {
     "optimizer": "AdamW",
     "lr0": 0.002,
