@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -56,14 +57,16 @@ def test_sequences_are_averaged():
 
 
 def test_rescaling_a_loss_puts_it_on_target():
-    """End to end on a real loss: measured at alpha=1, rebuilt with the weight, same layers and mask."""
+    """End to end on a real loss: measured at alpha=1, rebuilt with the weight, same layers and mask
+    (the state_dict from before the probe's call: it carries the mask stream's position)."""
     torch.manual_seed(0)
     s, t = torch.randn(2, 4, 6, 6), torch.randn(2, 8, 6, 6)
     probe = MGDLoss(4, 8, alpha=1.0, seed=3)
+    state = copy.deepcopy(probe.state_dict())
     value = probe(s, t)
     w = calibrate_weights({"mgd": value}, det_loss=3.0, fraction=0.5)
     loss = MGDLoss(4, 8, alpha=w["mgd"], seed=3)
-    loss.load_state_dict(probe.state_dict())
+    loss.load_state_dict(state)
     assert math.isclose(float(loss(s, t).detach()), 1.5, rel_tol=1e-6)
 
 
