@@ -168,7 +168,8 @@ MASK_STEP = "mask_step"
 def register_mask_step(module: nn.Module, source: RandomSource) -> None:
     """Give a module with a seeded `RandomSource` the buffer ``mask_step``: the number of calls
     drawn so far, a 0-d int64 tensor, so ``state_dict`` carries the mask stream. Fixed shape and
-    an integer dtype: EMA implementations (ultralytics, timm) average floating entries only,
+    an integer dtype: ultralytics' ModelEMA (and timm's ModelEmaV3) average floating entries
+    only and leave it as it is, timm's ModelEmaV2 averages it and casts back without error,
     ``.half()``/``.to(dtype)`` leave it exact, and ``load_state_dict`` restores the stream.
     The count itself lives on the host (no launch per call); `DistillationLoss` writes it into
     the buffer when ``state_dict`` is taken and reads it back on load. A module without a seed
