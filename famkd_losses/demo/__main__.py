@@ -77,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="teacher cache (default ~/.cache/famkd-losses/demo)")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=None,
+        help="plateau: student runs trained at once in worker processes (default 1); the torch threads are "
+        "shared among them",
+    )
     return p
 
 
@@ -146,6 +153,7 @@ def _plateau(args: argparse.Namespace, start: float) -> int:
         batch_size=args.batch_size,
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
+        jobs=args.jobs,
     )
     summary = run_plateau(cfg)
     print()
