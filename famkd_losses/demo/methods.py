@@ -19,6 +19,7 @@ initialisation does not depend on the weights).
 
 from __future__ import annotations
 
+import copy
 import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -160,10 +161,13 @@ def build_distiller(
     torch.manual_seed(seed)
     args = (student_channels, teacher_channels, num_classes, seed, opts, backend)
     probe_loss = _build(key, unit, *args).to(device)
+    # the layers, and the position of a seeded mask stream, from before the probe's call: the
+    # distiller's first call then draws the probe's masks and starts at the calibrated fraction
+    state = copy.deepcopy(probe_loss.state_dict())
     s_out, t_out, det_loss = probe()
     with torch.no_grad():
         _, terms = _forward(spec, probe_loss, s_out, t_out)
     weights = calibrate_weights(terms, det_loss, fraction, base_weights=unit)
     loss = _build(key, weights, *args).to(device)
-    loss.load_state_dict(probe_loss.state_dict())
+    loss.load_state_dict(state)
     return Distiller(spec, loss, weights, terms, float(det_loss), dict(opts))
