@@ -21,6 +21,7 @@ ultralytics' built-in distillation is never re-weighted: its ``dis`` stays at th
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -195,6 +196,9 @@ def calibrated_loss(
     torch.manual_seed(0 if seed is None else seed)
     unit = dict.fromkeys(terms, 1.0)
     probe = build_loss(key, s_ch, t_ch, nc, weights=unit, seed=seed, backend=backend).to(device)
+    # the layers, and the position of a seeded mask stream (MGD), from before the probe's call:
+    # the loss's first call then draws the probe's masks
+    state = copy.deepcopy(probe.state_dict())
 
     def measure(loss: nn.Module) -> dict[str, float]:
         with torch.no_grad():
@@ -211,7 +215,7 @@ def calibrated_loss(
     else:
         loss = build_loss(key, s_ch, t_ch, nc, seed=seed, backend=backend).to(device)
         weights = default_weights(key, loss)
-    loss.load_state_dict(probe.state_dict())
+    loss.load_state_dict(state)
     record = {
         "weights": weights,
         "terms_at_weight_1": at_one,
