@@ -78,6 +78,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm bars")
     p.add_argument(
+        "--parts",
+        default=None,
+        help="plateau: which groups of runs, comma-separated, of main (student, + MGD, + FAMKD over the seeds, "
+        "+ FGD), ablation (FAMKD's scales and branches, val) and diagnosis (FAMKD with a decaying distillation "
+        "weight, its two parts alone); default main,ablation",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=None,
@@ -133,6 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if summary["all_finite"] else 1
 
 
+def _plateau_parts(parts: str | None) -> dict[str, bool]:
+    if parts is None:
+        return {}
+    names = {p.strip() for p in parts.split(",") if p.strip()}
+    unknown = names - {"main", "ablation", "diagnosis"}
+    if unknown or not names:
+        raise SystemExit(f"--parts takes main, ablation, diagnosis (comma-separated); got {parts!r}")
+    return {name: name in names for name in ("main", "ablation", "diagnosis")}
+
+
 def _plateau(args: argparse.Namespace, start: float) -> int:
     from .evaluate import finite_metrics
     from .plateau import PlateauConfig, run_plateau
@@ -154,6 +171,7 @@ def _plateau(args: argparse.Namespace, start: float) -> int:
         cache_dir=args.cache_dir,
         progress=not args.no_progress,
         jobs=args.jobs,
+        **_plateau_parts(args.parts),
     )
     summary = run_plateau(cfg)
     print()

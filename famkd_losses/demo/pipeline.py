@@ -169,11 +169,12 @@ class _Runner:
         desc: str | None = None,
         eval_every: int = 0,
         teacher_cache: Callable | None = None,
+        kd_decay: bool = False,
     ) -> dict:
         """Train one student (alone, or with method ``key``) and evaluate it on ``eval_splits``.
 
         ``eval_every > 0`` also scores it on the val split every ``eval_every`` iterations
-        (``run["eval_curve"]``); ``teacher_cache`` is handed to `train`."""
+        (``run["eval_curve"]``); ``teacher_cache`` and ``kd_decay`` are handed to `train`."""
         cfg = self.cfg
         tcfg = self.train_cfg(cfg.student_iters, seed)
         torch.manual_seed(seed)
@@ -207,6 +208,7 @@ class _Runner:
             eval_every=eval_every,
             evaluator=(lambda m: evaluate(m, splits["val"], cfg.data.canvas, cfg.device)) if eval_every else None,
             teacher_cache=teacher_cache,
+            kd_decay=kd_decay,
         )
         t0 = time.perf_counter()
         metrics = {name: evaluate(student, splits[name], cfg.data.canvas, cfg.device) for name in eval_splits}

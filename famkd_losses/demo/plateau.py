@@ -45,7 +45,7 @@ from .pipeline import DemoConfig, _Runner, default_cache_dir
 from .report import plot_val_curves, write_json
 from .train import load_or_train_teacher
 
-__all__ = ["PlateauConfig", "TeacherCache", "ABLATION", "plateau_gain", "run_plateau"]
+__all__ = ["PlateauConfig", "TeacherCache", "ABLATION", "DIAGNOSIS", "plateau_gain", "run_plateau"]
 
 # FAMKD's two main choices, re-checked at the long schedule (val split, first seed).
 ABLATION: tuple[dict[str, Any], ...] = (
@@ -53,6 +53,11 @@ ABLATION: tuple[dict[str, Any], ...] = (
     {"branches": ("spatial",)},
     {"branches": ("spatial", "channel")},
 )
+# Where FAMKD's gain at the plateau comes from (first seed): (method, kd_decay). A distillation
+# weight calibrated at the start stays fixed while the detection loss falls; decaying it with the
+# learning rate tests whether the late, relatively heavier term holds the student back. The two
+# parts on their own say which carries the gain.
+DIAGNOSIS: tuple[tuple[str, bool], ...] = (("famkd", True), ("famkd_feature", False), ("famkd_logits", False))
 
 
 @dataclass
@@ -73,8 +78,10 @@ class PlateauConfig:
     warmup: int = 50
     kd_fraction: float = 1.0
     plateau_tol: float = 0.5  # AP gained over the last quarter that still counts as a plateau
+    main: bool = True  # the student alone, + MGD, + FAMKD over the seeds, + FGD
     ablation: bool = True
     ablation_variants: int | None = None  # the first this many of `ABLATION` (None: all)
+    diagnosis: bool = False  # the `DIAGNOSIS` runs (first seed)
     teacher: BackboneConfig = TEACHER
     student: BackboneConfig = STUDENT
     data: DataConfig = field(default_factory=DataConfig)
@@ -174,11 +181,11 @@ def plateau_gain(curve: Sequence[tuple[int, dict]], metric: str = "AP") -> float
     return None
 
 
-def _label(key: str, options: dict | None) -> str:
+def _label(key: str, options: dict | None, kd_decay: bool = False) -> str:
     base = "student alone" if key == "student" else METHODS[key].label
-    if not options:
-        return base
-    return base + " (" + ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in options.items()) + ")"
+    if options:
+        base += " (" + ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in options.items()) + ")"
+    return base + (", distillation weight decayed to 0 (cosine)" if kd_decay else "")
 
 
 def _stats(runs: list[dict], split: str) -> dict[str, tuple[float, float]]:
@@ -225,7 +232,12 @@ def summarise(cfg: PlateauConfig, state: dict) -> dict:
         for r in state["runs"]
         if r["role"] == "ablation"
     ]
-    return {"rows": rows, "paired": paired, "ablation": ablation}
+    diagnosis = [
+        {"key": r["key"], "label": r["label"], "seed": r["seed"], "val": r["val"], "test": r["test"]}
+        for r in state["runs"]
+        if r["role"] == "diagnosis"
+    ]
+    return {"rows": rows, "paired": paired, "ablation": ablation, "diagnosis": diagnosis}
 
 
 def _fmt(ms: tuple[float, float], n: int) -> str:
@@ -311,6 +323,20 @@ def results_markdown(cfg: PlateauConfig, state: dict, tables: dict) -> str:
                 f"| {a['label']} | {m['AP']:.1f} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | {m['APl']:.1f} |"
             )
         lines.append("")
+    if tables.get("diagnosis"):
+        lines += [
+            f"## Where the gain comes from (seed {cfg.seed})",
+            "",
+            "| run | val AP | test AP | test AP50 | test APs | test APm | test APl |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for d in tables["diagnosis"]:
+            v, m = d["val"], d["test"]
+            lines.append(
+                f"| {d['label']} | {v['AP']:.1f} | {m['AP']:.1f} | {m['AP50']:.1f} | {m['APs']:.1f} | "
+                f"{m['APm']:.1f} | {m['APl']:.1f} |"
+            )
+        lines.append("")
     lines += [
         "## Val AP against iteration",
         "",
@@ -392,7 +418,7 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     cache = TeacherCache(teacher, splits["train"], cfg.device)
     student_every = max(1, cfg.student_iters // cfg.eval_points)
 
-    def one(key: str, seed: int, role: str, options: dict | None) -> dict:
+    def one(key: str, seed: int, role: str, options: dict | None, kd_decay: bool = False) -> dict:
         if cfg.jobs > 1:
             torch.set_num_threads(max(1, threads // cfg.jobs))
         run = runner.student_run(
@@ -402,24 +428,28 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
             teacher,
             options=options,
             eval_splits=("val", "test"),
-            desc=f"{_label(key, options)} (seed {seed})",
+            desc=f"{_label(key, options, kd_decay)} (seed {seed})",
             eval_every=student_every,
             teacher_cache=cache,
+            kd_decay=kd_decay,
         )
         run.pop("curves")
         run["test"] = run.pop("metrics")
-        run.update(key=key, role=role, options=options or {}, label=_label(key, options))
+        label = _label(key, options, kd_decay)
+        run.update(key=key, role=role, options=options or {}, kd_decay=kd_decay, label=label)
         return run
 
     threads = torch.get_num_threads()
     state["student_params"] = num_parameters(runner.build_student())
-    plan = []
-    for i, seed in enumerate(cfg.seed + k for k in range(cfg.seeds)):
+    plan: list[tuple] = []
+    for i, seed in enumerate(cfg.seed + k for k in range(cfg.seeds) if cfg.main):
         plan += [(key, seed, "main", None) for key in ("student", "famkd", "mgd")]
         if i < cfg.fgd_seeds:
             plan.append(("fgd", seed, "main", None))
     if cfg.ablation:
         plan += [("famkd", cfg.seed, "ablation", change) for change in ABLATION[: cfg.ablation_variants]]
+    if cfg.diagnosis:
+        plan += [(key, cfg.seed, "diagnosis", None, decay) for key, decay in DIAGNOSIS]
     done: dict[int, dict] = {}
 
     def record(i: int, run: dict) -> None:

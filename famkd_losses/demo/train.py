@@ -135,6 +135,7 @@ def train(
     eval_every: int = 0,
     evaluator: Callable[[nn.Module], dict[str, float]] | None = None,
     teacher_cache: Callable[[Sequence[int]], DetectorOutputs] | None = None,
+    kd_decay: bool = False,
 ) -> TrainResult:
     """Train ``model`` (and the distiller's layers) in place for ``iterations`` (default ``cfg.iterations``).
 
@@ -144,6 +145,8 @@ def train(
     (its time is kept out of ``wall_s``), and its results go to ``eval_curve``.
     ``teacher_cache(idx)``, if given, returns the teacher's outputs of the canvases ``idx``
     instead of running the teacher (the teacher is fixed and the data have no augmentation).
+    ``kd_decay`` multiplies the distillation term by ``(1 + cos(pi * it / iterations)) / 2``: from
+    its calibrated weight at the start to zero at the end, like the learning rate.
     """
     from tqdm.auto import tqdm
 
@@ -172,6 +175,8 @@ def train(
             with StudentTaps(model) as taps:
                 det = sum(model(images, targets).values())
             kd, terms = distiller(taps.outputs(), t_out)
+            if kd_decay:
+                kd = kd * (0.5 * (1.0 + math.cos(math.pi * it / n_iter)))
             loss = det + kd
             result.kd_loss.append(float(kd.detach()))
             for name, value in terms.items():
