@@ -12,10 +12,12 @@ import torch
 for _mod in ("torchvision", "mlxtend", "pycocotools", "matplotlib", "tqdm"):
     pytest.importorskip(_mod, reason="the demo extra is not installed")
 
+from famkd_losses.demo.__main__ import _plateau_parts  # noqa: E402
 from famkd_losses.demo.data import DataConfig, make_dataset  # noqa: E402
+from famkd_losses.demo.methods import build_distiller  # noqa: E402
 from famkd_losses.demo.models import STUDENT, DetectorConfig, build_detector  # noqa: E402
 from famkd_losses.demo.plateau import TeacherCache, plateau_gain  # noqa: E402
-from famkd_losses.demo.train import TrainConfig, train  # noqa: E402
+from famkd_losses.demo.train import TrainConfig, probe_batch, train  # noqa: E402
 from famkd_losses.integrations.torchvision import teacher_outputs  # noqa: E402
 
 SMALL = DataConfig(num_canvases=(24, 8, 8))
@@ -70,6 +72,28 @@ def test_teacher_cache_gives_the_teachers_outputs(small_data):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
     for a, b in zip(got.boxes, want.boxes):
         assert torch.equal(a, b)
+
+
+def test_kd_decay_scales_the_distillation_term_like_the_learning_rate(small_data):
+    torch.manual_seed(0)
+    teacher = build_detector(DetectorConfig(backbone=STUDENT)).eval()
+    student = build_detector(DetectorConfig(backbone=STUDENT))
+    cfg = TrainConfig(iterations=4, batch_size=4, warmup=1)
+    probe = probe_batch(student, teacher, small_data["train"], cfg, "cpu")
+    d = build_distiller(
+        "mgd", student_channels=[32] * 5, teacher_channels=[32] * 5, num_classes=10, probe=probe, fraction=1.0, seed=0
+    )
+    result = train(student, small_data["train"], cfg, teacher=teacher, distiller=d, progress=False, kd_decay=True)
+    factors = [kd / term for kd, term in zip(result.kd_loss, result.kd_terms["feature"])]
+    assert factors == pytest.approx([1.0, 0.5 * (1 + math.cos(math.pi / 4)), 0.5, 0.5 * (1 + math.cos(0.75 * math.pi))])
+
+
+def test_plateau_parts_option():
+    assert _plateau_parts(None) == {}
+    assert _plateau_parts("diagnosis") == {"main": False, "ablation": False, "diagnosis": True}
+    assert _plateau_parts("main, ablation") == {"main": True, "ablation": True, "diagnosis": False}
+    with pytest.raises(SystemExit, match="main, ablation, diagnosis"):
+        _plateau_parts("mian")
 
 
 @pytest.mark.slow
