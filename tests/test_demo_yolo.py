@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import socket
 import sys
 import tempfile
-import traceback
 
 os.environ["YOLO_OFFLINE"] = "1"
 if "ultralytics" not in sys.modules:  # it reads the folder once, on import: keep the one it has
@@ -32,6 +30,8 @@ if importlib.util.find_spec("ultralytics") is None:
 for _mod in ("torchvision", "mlxtend", "pycocotools", "matplotlib", "tqdm", "yaml"):
     pytest.importorskip(_mod, reason="the demo extra is not installed")
 
+from _offline_ultralytics import local_font, no_network  # noqa: F401, E402
+
 from famkd_losses import CWDLoss, FAMKDLoss  # noqa: E402
 from famkd_losses.demo.data import SPLITS, DataConfig, make_dataset  # noqa: E402
 from famkd_losses.demo.yolo import YoloConfig  # noqa: E402
@@ -41,36 +41,6 @@ from famkd_losses.demo.yolo_models import YOLO_STUDENT, YOLO_TEACHER, YoloModelS
 from famkd_losses.demo.yolo_report import aggregate, paired  # noqa: E402
 
 SMALL = DataConfig(num_canvases=(12, 4, 6))
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_font():
-    """ultralytics' dataset check wants Arial.ttf in its config folder (else downloads it): give it a local font."""
-    import shutil
-
-    from matplotlib import font_manager
-    from ultralytics.utils import USER_CONFIG_DIR
-
-    target = USER_CONFIG_DIR / "Arial.ttf"
-    if not target.exists():
-        USER_CONFIG_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copy(font_manager.findfont("DejaVu Sans"), target)
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a connection or resolve a name fails, and is recorded."""
-    attempts: list[tuple] = []
-
-    def refuse(*args, **kwargs):
-        attempts.append((args[:2], "".join(traceback.format_stack(limit=30))))
-        raise OSError("network access is blocked in the tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield attempts
-    assert not attempts, f"ultralytics tried to reach the network: {attempts}"
 
 
 @pytest.fixture(scope="module")

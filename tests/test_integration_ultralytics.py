@@ -7,9 +7,7 @@ ultralytics in offline mode with its settings in a temporary folder.
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
-import traceback
 
 os.environ["YOLO_OFFLINE"] = "1"
 os.environ["YOLO_CONFIG_DIR"] = tempfile.mkdtemp(prefix="famkd-ultralytics-")  # never the user's folder
@@ -19,6 +17,7 @@ import torch
 
 pytest.importorskip("ultralytics", reason="ultralytics not installed: pip install famkd-losses[ultralytics]")
 
+from _offline_ultralytics import local_font, no_network  # noqa: F401
 from ultralytics.cfg import get_cfg
 from ultralytics.nn.tasks import DetectionModel
 
@@ -32,36 +31,6 @@ from famkd_losses.integrations.ultralytics import (
 
 NC = 3
 SIDE = 64
-
-
-@pytest.fixture(scope="module", autouse=True)
-def local_font():
-    """ultralytics' dataset check wants Arial.ttf in its config folder (else downloads it): give it a local font."""
-    import shutil
-
-    from matplotlib import font_manager
-    from ultralytics.utils import USER_CONFIG_DIR
-
-    target = USER_CONFIG_DIR / "Arial.ttf"
-    if not target.exists():
-        USER_CONFIG_DIR.mkdir(parents=True, exist_ok=True)
-        shutil.copy(font_manager.findfont("DejaVu Sans"), target)
-
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Any attempt to open a connection or resolve a name fails, and is recorded."""
-    attempts: list[tuple] = []
-
-    def refuse(*args, **kwargs):
-        attempts.append((args[:2], "".join(traceback.format_stack(limit=30))))
-        raise OSError("network access is blocked in the tests")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "getaddrinfo", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-    yield attempts
-    assert not attempts, f"ultralytics tried to reach the network: {attempts}"
 
 
 def _model(cfg: str, seed: int) -> DetectionModel:

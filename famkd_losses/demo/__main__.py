@@ -118,18 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = DemoConfig.preset(
         args.quick,
         out=args.out or Path("famkd_demo_out"),
-        seeds=args.seeds,
-        seed=args.seed,
-        device=args.device,
         detector=args.detector,
-        backend=args.backend,
         ablation=args.ablation,
-        kd_fraction=args.kd_fraction,
         teacher_iters=args.teacher_iters,
         student_iters=args.student_iters,
-        batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
-        progress=not args.no_progress,
+        **_shared_options(args),
     )
     if args.data_seed is not None:
         cfg.data = DataConfig(**{**cfg.data.to_dict(), "seed": args.data_seed})
@@ -138,6 +131,20 @@ def main(argv: list[str] | None = None) -> int:
     print((Path(cfg.out) / "results.md").read_text())
     print(f"outputs in {Path(cfg.out).resolve()} ({time.perf_counter() - start:.0f} s)")
     return 0 if summary["all_finite"] else 1
+
+
+def _shared_options(args: argparse.Namespace) -> dict:
+    """The options every protocol's config takes (None: the protocol's default)."""
+    return {
+        "seeds": args.seeds,
+        "seed": args.seed,
+        "device": args.device,
+        "backend": args.backend,
+        "kd_fraction": args.kd_fraction,
+        "batch_size": args.batch_size,
+        "cache_dir": args.cache_dir,
+        "progress": not args.no_progress,
+    }
 
 
 def _plateau_parts(parts: str | None) -> dict[str, bool]:
@@ -160,17 +167,10 @@ def _plateau(args: argparse.Namespace, start: float) -> int:
     cfg = PlateauConfig.preset(
         args.quick,
         out=args.out or Path("famkd_plateau_out"),
-        seeds=args.seeds,
-        seed=args.seed,
-        device=args.device,
-        backend=args.backend,
-        kd_fraction=args.kd_fraction,
         teacher_iters=args.teacher_iters,
         student_iters=args.student_iters,
-        batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
-        progress=not args.no_progress,
         jobs=args.jobs,
+        **_shared_options(args),
         **_plateau_parts(args.parts),
     )
     summary = run_plateau(cfg)
@@ -199,16 +199,9 @@ def _yolo(args: argparse.Namespace, start: float) -> int:
     cfg = YoloConfig.preset(
         args.quick,
         out=args.out or Path("famkd_yolo_out"),
-        seeds=args.seeds,
-        seed=args.seed,
-        device=args.device,
-        backend=args.backend,
-        kd_fraction=args.kd_fraction,
         teacher_epochs=args.teacher_epochs,
         student_epochs=args.student_epochs,
-        batch_size=args.batch_size,
-        cache_dir=args.cache_dir,
-        progress=not args.no_progress,
+        **_shared_options(args),
     )
     if args.data_seed is not None:
         cfg.data = DataConfig(**{**cfg.data.to_dict(), "seed": args.data_seed})
