@@ -761,6 +761,10 @@ def plot_val_curves(
             ls, legend = "-", None if label in seen else label
         seen.add(label)
         target.plot(its, vals, ls=ls, marker="o", ms=3, lw=1.3, color=method_color(key), label=legend, alpha=0.9)
+    teacher = [c for c in curves if c[0] == "teacher" and c[2]]
+    if teacher:
+        final = teacher[0][2][-1][1][metric]
+        ax.axhline(final, ls=":", lw=1.2, color=method_color("teacher"), label=f"teacher, final ({final:.1f})")
     ax_t.set(title="teacher", xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
     ax.set(title="students (one line per seed)", xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
     for a in (ax_t, ax):
