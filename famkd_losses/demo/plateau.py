@@ -296,7 +296,8 @@ def results_markdown(cfg: PlateauConfig, state: dict, tables: dict) -> str:
         gap_test = t["test"]["AP"] - student_val["test"]["AP"][0]
         gap_val = t["val"]["AP"] - student_val["val"]["AP"][0]
         lines.append(
-            f"Teacher - student gap at the student's plateau: {gap_test:.1f} AP on test, {gap_val:.1f} on val."
+            f"Teacher - student gap at the end of the students' schedule: {gap_test:.1f} AP on test, "
+            f"{gap_val:.1f} on val."
         )
         lines.append("")
     if tables["paired"]:
