@@ -22,6 +22,11 @@ class CWDLoss(DistillationLoss):
     summed over levels. The detection recipe uses ``tau=1`` and weight 10 per FPN level.
 
     Inputs: one (N, C, H, W) pair or sequences of levels, student and teacher of equal shape.
+
+    Args:
+        tau: softmax temperature over the positions (> 0).
+        loss_weight: multiplies the whole loss (>= 0).
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"``.
     """
 
     def __init__(self, *, tau: float = 1.0, loss_weight: float = 1.0, backend: str = "auto") -> None:

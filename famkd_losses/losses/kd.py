@@ -40,6 +40,14 @@ class KDLoss(DistillationLoss):
     anchors at each position is a sample over K classes, without it the C channels are one
     distribution per position (A = 1). ``class_dim`` overrides this and names the class
     dimension explicitly. Sequences (or mappings) of levels are summed.
+
+    Args:
+        tau: temperature (> 0); the loss is scaled by ``tau^2``.
+        mode: ``"softmax"`` or ``"sigmoid"``.
+        loss_weight: multiplies the whole loss (>= 0).
+        class_dim: the class dimension, when it is not the one the layout implies.
+        num_classes: K of dense (N, A*K, H, W) logits (several anchors per position).
+        backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"``.
     """
 
     def __init__(
