@@ -316,13 +316,16 @@ def _ablation(runner: _Runner, splits, teacher, default_val: dict, default_test:
     }
 
 
+def tqdm_log(msg: str) -> None:
+    """Print a line without breaking the progress bars (the protocols' default ``log``)."""
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg)
+
+
 def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run the demo of ``cfg``; write results.md, results.json and the PNGs under ``cfg.out``; return the summary."""
-    if log is None:
-        from tqdm.auto import tqdm
-
-        def log(msg: str) -> None:
-            tqdm.write(msg)
+    log = log or tqdm_log
 
     start = time.perf_counter()
     out = Path(cfg.out)

@@ -41,7 +41,7 @@ from .data import DataConfig, DetectionSplit, make_dataset
 from .evaluate import METRICS, evaluate, mean_std
 from .methods import FAMKD_DEFAULTS, METHODS
 from .models import STUDENT, TEACHER, BackboneConfig, num_parameters
-from .pipeline import DemoConfig, _Runner, default_cache_dir
+from .pipeline import DemoConfig, _Runner, default_cache_dir, tqdm_log
 from .report import plot_val_curves, write_json
 from .train import load_or_train_teacher
 
@@ -364,11 +364,7 @@ def _forked_run(*item: Any) -> dict:
 
 def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run the plateau protocol of ``cfg``; write its tables, JSON and plot under ``cfg.out`` as it goes."""
-    if log is None:
-        from tqdm.auto import tqdm
-
-        def log(msg: str) -> None:
-            tqdm.write(msg)
+    log = log or tqdm_log
 
     start = time.perf_counter()
     out = Path(cfg.out)

@@ -42,7 +42,7 @@ import torch
 
 from .data import DataConfig, DetectionSplit, make_dataset
 from .evaluate import coco_ground_truth, coco_metrics, finite_metrics
-from .pipeline import default_cache_dir
+from .pipeline import default_cache_dir, tqdm_log
 from .report import write_json
 from .train import config_hash
 from .yolo_data import image_paths, write_yolo_dataset, yolo_dataset_dir
@@ -346,11 +346,7 @@ def _versions() -> dict[str, str]:
 def run_yolo(cfg: YoloConfig, log: Callable[[str], None] | None = None) -> dict:
     """Run the YOLO protocol of ``cfg``; write results.md, results.json and ap_per_method.png under
     ``cfg.out`` after every run; return the final state."""
-    if log is None:
-        from tqdm.auto import tqdm
-
-        def log(msg: str) -> None:
-            tqdm.write(msg)
+    log = log or tqdm_log
 
     _offline(cfg)
     start = time.perf_counter()
