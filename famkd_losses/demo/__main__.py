@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -97,7 +98,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        from .data import DataConfig
         from .pipeline import DemoConfig, run_demo
     except ImportError as err:
         print(f"famkd-demo needs the demo extra: pip install 'famkd-losses[demo]' ({err})", file=sys.stderr)
@@ -124,13 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         student_iters=args.student_iters,
         **_shared_options(args),
     )
-    if args.data_seed is not None:
-        cfg.data = DataConfig(**{**cfg.data.to_dict(), "seed": args.data_seed})
-    summary = run_demo(cfg)
-    print()
-    print((Path(cfg.out) / "results.md").read_text())
-    print(f"outputs in {Path(cfg.out).resolve()} ({time.perf_counter() - start:.0f} s)")
-    return 0 if summary["all_finite"] else 1
+    summary = run_demo(_with_data_seed(cfg, args))
+    return _finish(cfg.out, start, summary["all_finite"])
 
 
 def _shared_options(args: argparse.Namespace) -> dict:
@@ -145,6 +140,23 @@ def _shared_options(args: argparse.Namespace) -> dict:
         "cache_dir": args.cache_dir,
         "progress": not args.no_progress,
     }
+
+
+def _with_data_seed(cfg: Any, args: argparse.Namespace) -> Any:
+    """``cfg`` with its canvases drawn from ``--data-seed`` when given."""
+    from .data import DataConfig
+
+    if args.data_seed is not None:
+        cfg.data = DataConfig(**{**cfg.data.to_dict(), "seed": args.data_seed})
+    return cfg
+
+
+def _finish(out: Path, start: float, all_finite: bool) -> int:
+    """Print the run's results.md and where its outputs are; exit code 0 when every metric is finite."""
+    print()
+    print((Path(out) / "results.md").read_text())
+    print(f"outputs in {Path(out).resolve()} ({time.perf_counter() - start:.0f} s)")
+    return 0 if all_finite else 1
 
 
 def _plateau_parts(parts: str | None) -> dict[str, bool]:
@@ -173,18 +185,13 @@ def _plateau(args: argparse.Namespace, start: float) -> int:
         **_shared_options(args),
         **_plateau_parts(args.parts),
     )
-    summary = run_plateau(cfg)
-    print()
-    print((Path(cfg.out) / "results.md").read_text())
-    print(f"outputs in {Path(cfg.out).resolve()} ({time.perf_counter() - start:.0f} s)")
+    summary = run_plateau(_with_data_seed(cfg, args))
     runs = [summary["teacher"]["test"], *(r["test"] for r in summary["runs"])]
-    return 0 if all(finite_metrics(m) for m in runs) else 1
+    return _finish(cfg.out, start, all(finite_metrics(m) for m in runs))
 
 
 def _yolo(args: argparse.Namespace, start: float) -> int:
     import importlib.util
-
-    from .data import DataConfig
 
     if importlib.util.find_spec("ultralytics") is None:
         print("famkd-demo --detector yolo needs ultralytics: pip install 'famkd-losses[ultralytics]'", file=sys.stderr)
@@ -203,13 +210,8 @@ def _yolo(args: argparse.Namespace, start: float) -> int:
         student_epochs=args.student_epochs,
         **_shared_options(args),
     )
-    if args.data_seed is not None:
-        cfg.data = DataConfig(**{**cfg.data.to_dict(), "seed": args.data_seed})
-    state = run_yolo(cfg)
-    print()
-    print((Path(cfg.out) / "results.md").read_text())
-    print(f"outputs in {Path(cfg.out).resolve()} ({time.perf_counter() - start:.0f} s)")
-    return 0 if state["all_finite"] else 1
+    state = run_yolo(_with_data_seed(cfg, args))
+    return _finish(cfg.out, start, state["all_finite"])
 
 
 if __name__ == "__main__":

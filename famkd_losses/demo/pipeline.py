@@ -153,6 +153,21 @@ class _Runner:
     def build_student(self) -> torch.nn.Module:
         return build_detector(self.student_cfg).to(self.cfg.device)
 
+    def load_teacher(self, split: DetectionSplit, **kwargs: Any) -> tuple[torch.nn.Module, dict]:
+        """`load_or_train_teacher` with this run's teacher, data, schedule, cache, device and log."""
+        cfg = self.cfg
+        return load_or_train_teacher(
+            self.teacher_cfg,
+            cfg.data,
+            self.train_cfg(cfg.teacher_iters, cfg.seed),
+            split,
+            cfg.cache_dir,
+            device=cfg.device,
+            progress=cfg.progress,
+            log=self.log,
+            **kwargs,
+        )
+
     def train_cfg(self, iterations: int, seed: int) -> TrainConfig:
         return TrainConfig(iterations=iterations, batch_size=self.cfg.batch_size, warmup=self.cfg.warmup, seed=seed)
 
@@ -211,7 +226,12 @@ class _Runner:
             kd_decay=kd_decay,
         )
         t0 = time.perf_counter()
-        metrics = {name: evaluate(student, splits[name], cfg.data.canvas, cfg.device) for name in eval_splits}
+        # the last point of the val curve is the final model's val score: not evaluated twice
+        final_val = {"val": result.eval_curve[-1][1]} if result.eval_curve else {}
+        metrics = {
+            name: final_val.get(name) or evaluate(student, splits[name], cfg.data.canvas, cfg.device)
+            for name in eval_splits
+        }
         run = {
             "seed": seed,
             **result.summary(),
@@ -353,16 +373,7 @@ def run_demo(cfg: DemoConfig, log: Callable[[str], None] | None = None) -> dict:
         + f"; {positives['objects_without_positive']}/{positives['objects']} objects without one"
     )
 
-    teacher, teacher_record = load_or_train_teacher(
-        runner.teacher_cfg,
-        cfg.data,
-        runner.train_cfg(cfg.teacher_iters, cfg.seed),
-        splits["train"],
-        cfg.cache_dir,
-        device=cfg.device,
-        progress=cfg.progress,
-        log=log,
-    )
+    teacher, teacher_record = runner.load_teacher(splits["train"])
     teacher_eval = ("val", "test") if cfg.ablation else ("test",)
     teacher_metrics = {n: evaluate(teacher, splits[n], cfg.data.canvas, cfg.device) for n in teacher_eval}
     log(f"  teacher: AP {teacher_metrics['test']['AP']:.1f}  AP50 {teacher_metrics['test']['AP50']:.1f}")

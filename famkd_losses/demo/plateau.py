@@ -43,7 +43,6 @@ from .methods import FAMKD_DEFAULTS, METHODS
 from .models import STUDENT, TEACHER, BackboneConfig, num_parameters
 from .pipeline import DemoConfig, _Runner, default_cache_dir, tqdm_log
 from .report import plot_val_curves, write_json
-from .train import load_or_train_teacher
 
 __all__ = ["PlateauConfig", "TeacherCache", "ABLATION", "DIAGNOSIS", "plateau_gain", "run_plateau"]
 
@@ -378,19 +377,11 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
         f"{'quick' if cfg.quick else 'default'} sizes -> {out}"
     )
     every = max(1, cfg.teacher_iters // cfg.eval_points)
-    teacher, record = load_or_train_teacher(
-        runner.teacher_cfg,
-        cfg.data,
-        runner.train_cfg(cfg.teacher_iters, cfg.seed),
-        splits["train"],
-        cfg.cache_dir,
-        device=cfg.device,
-        progress=cfg.progress,
-        log=log,
-        eval_every=every,
-        evaluator=lambda m: evaluate(m, splits["val"], canvas, cfg.device),
+    teacher, record = runner.load_teacher(
+        splits["train"], eval_every=every, evaluator=lambda m: evaluate(m, splits["val"], canvas, cfg.device)
     )
-    t_val = evaluate(teacher, splits["val"], canvas, cfg.device)
+    curve = record.get("eval_curve", [])
+    t_val = curve[-1][1] if curve else evaluate(teacher, splits["val"], canvas, cfg.device)
     t_test = evaluate(teacher, splits["test"], canvas, cfg.device)
     state: dict[str, Any] = {
         "config": cfg.to_dict(),
