@@ -90,9 +90,10 @@ def test_kd_decay_scales_the_distillation_term_like_the_learning_rate(small_data
 
 def test_plateau_parts_option():
     assert _plateau_parts(None) == {}
-    assert _plateau_parts("diagnosis") == {"main": False, "ablation": False, "diagnosis": True}
-    assert _plateau_parts("main, ablation") == {"main": True, "ablation": True, "diagnosis": False}
-    with pytest.raises(SystemExit, match="main, ablation, diagnosis"):
+    assert _plateau_parts("diagnosis") == {"main": False, "ablation": False, "diagnosis": True, "length": False}
+    assert _plateau_parts("main, ablation") == {"main": True, "ablation": True, "diagnosis": False, "length": False}
+    assert _plateau_parts("length")["length"]
+    with pytest.raises(SystemExit, match="main, ablation, diagnosis, length"):
         _plateau_parts("mian")
 
 
@@ -124,3 +125,32 @@ def test_quick_plateau_end_to_end(tmp_path):
     md = (out / "results.md").read_text()
     assert "smoke run" in md and "not evidence" in md and "Paired differences" in md
     assert (out / "val_ap_curves.png").stat().st_size > 0
+
+    # --resume keeps every finished run (none trained again) and adds the longer runs at 2x
+    assert main([*argv, "--resume", "--parts", "length"]) == 0
+    resumed = json.loads((out / "results.json").read_text())
+    assert resumed["runs"][: len(summary["runs"])] == summary["runs"]
+    longer = resumed["runs"][len(summary["runs"]) :]
+    assert [(r["key"], r["role"], r["iterations"]) for r in longer] == [
+        ("student", "length", 60),
+        ("famkd", "length", 60),
+        ("mgd", "length", 60),
+    ]
+    assert [it for it, _ in longer[0]["eval_curve"]] == [30, 60]
+    assert [e["key"] for e in resumed["tables"]["reference"]] == ["student", "famkd", "mgd"]
+    assert resumed["wall_s"] > summary["wall_s"]
+    assert "At 2x the students' schedule" in (out / "results.md").read_text()
+
+
+def test_resume_refuses_results_of_other_settings(tmp_path):
+    from famkd_losses.demo.plateau import PlateauConfig, _earlier_runs
+
+    cfg = PlateauConfig.preset(True, out=tmp_path, resume=True)
+    state = {"config": cfg.to_dict()}
+    assert _earlier_runs(cfg, state) == ([], 0.0)  # nothing written yet
+    other = {**cfg.to_dict(), "student_iters": 31}
+    (tmp_path / "results.json").write_text(json.dumps({"config": other, "runs": [{"key": "student"}], "wall_s": 5}))
+    with pytest.raises(ValueError, match="student_iters differ"):
+        _earlier_runs(cfg, state)
+    (tmp_path / "results.json").write_text(json.dumps({"config": cfg.to_dict(), "runs": [{"key": "s"}], "wall_s": 5}))
+    assert _earlier_runs(cfg, state) == ([{"key": "s"}], 5.0)

@@ -82,8 +82,15 @@ def _parser() -> argparse.ArgumentParser:
         "--parts",
         default=None,
         help="plateau: which groups of runs, comma-separated, of main (student, + MGD, + FAMKD over the seeds, "
-        "+ FGD), ablation (FAMKD's scales and branches, val) and diagnosis (FAMKD with a decaying distillation "
-        "weight, its two parts alone); default main,ablation",
+        "+ FGD), ablation (FAMKD's scales and branches, val), diagnosis (FAMKD with a decaying distillation "
+        "weight, its two parts alone) and length (student, + FAMKD, + MGD at twice the students' schedule); "
+        "default main,ablation",
+    )
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="plateau: reuse the finished runs of --out's results.json (same sizes and schedule) and train only "
+        "the rest; its runs outside --parts stay in the report",
     )
     p.add_argument(
         "--jobs",
@@ -163,10 +170,10 @@ def _plateau_parts(parts: str | None) -> dict[str, bool]:
     if parts is None:
         return {}
     names = {p.strip() for p in parts.split(",") if p.strip()}
-    unknown = names - {"main", "ablation", "diagnosis"}
-    if unknown or not names:
-        raise SystemExit(f"--parts takes main, ablation, diagnosis (comma-separated); got {parts!r}")
-    return {name: name in names for name in ("main", "ablation", "diagnosis")}
+    known = ("main", "ablation", "diagnosis", "length")
+    if names - set(known) or not names:
+        raise SystemExit(f"--parts takes {', '.join(known)} (comma-separated); got {parts!r}")
+    return {name: name in names for name in known}
 
 
 def _plateau(args: argparse.Namespace, start: float) -> int:
@@ -182,6 +189,7 @@ def _plateau(args: argparse.Namespace, start: float) -> int:
         teacher_iters=args.teacher_iters,
         student_iters=args.student_iters,
         jobs=args.jobs,
+        resume=args.resume,
         **_shared_options(args),
         **_plateau_parts(args.parts),
     )

@@ -11,18 +11,23 @@ where each run levels off:
 - every student run: ``student_iters`` iterations, the same check on the plain student;
 - the student alone, + MGD and + FAMKD over ``seeds`` seeds (mean, std and the paired per-seed
   differences), + FGD over ``fgd_seeds`` seeds; then FAMKD's two main choices (``scales`` and
-  ``branches``) re-checked at this schedule on the val split (first seed).
+  ``branches``) re-checked at this schedule on the val split (first seed);
+- optionally (``length``) the student alone, + FAMKD and + MGD at ``length_factor`` times the
+  students' schedule (first seed): whether the plain student's ceiling is higher than the
+  long schedule shows, and whether FAMKD's gain survives a longer schedule.
 
 The teacher is fixed and the canvases are not augmented, so its outputs on the training split
 are computed once and reused by every distilled run (`TeacherCache`).
 
 Results are written after every run (``results.md``, ``results.json``, ``val_ap_curves.png``), so a
-run stopped part-way leaves what it measured.
+run stopped part-way leaves what it measured; ``resume`` reuses the finished runs of an earlier
+``results.json`` in the same folder (same sizes and schedule) instead of training them again.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import multiprocessing
 import platform
 import time
@@ -44,7 +49,7 @@ from .models import STUDENT, TEACHER, BackboneConfig, num_parameters
 from .pipeline import DemoConfig, _Runner, default_cache_dir, tqdm_log
 from .report import plot_val_curves, write_json
 
-__all__ = ["PlateauConfig", "TeacherCache", "ABLATION", "DIAGNOSIS", "plateau_gain", "run_plateau"]
+__all__ = ["PlateauConfig", "TeacherCache", "ABLATION", "DIAGNOSIS", "LENGTH", "plateau_gain", "run_plateau"]
 
 # FAMKD's two main choices, re-checked at the long schedule (val split, first seed).
 ABLATION: tuple[dict[str, Any], ...] = (
@@ -57,6 +62,24 @@ ABLATION: tuple[dict[str, Any], ...] = (
 # learning rate tests whether the late, relatively heavier term holds the student back. The two
 # parts on their own say which carries the gain.
 DIAGNOSIS: tuple[tuple[str, bool], ...] = (("famkd", True), ("famkd_feature", False), ("famkd_logits", False))
+# The runs repeated at `length_factor` x the students' schedule (first seed); the plain student first.
+LENGTH: tuple[str, ...] = ("student", "famkd", "mgd")
+# What must match for an earlier results.json's runs to be reused (`PlateauConfig.resume`).
+_RESUME_KEYS = (
+    "quick",
+    "device",
+    "backend",
+    "teacher_iters",
+    "student_iters",
+    "eval_points",
+    "batch_size",
+    "warmup",
+    "kd_fraction",
+    "teacher",
+    "student",
+    "data",
+    "famkd_options",
+)
 
 
 @dataclass
@@ -81,6 +104,9 @@ class PlateauConfig:
     ablation: bool = True
     ablation_variants: int | None = None  # the first this many of `ABLATION` (None: all)
     diagnosis: bool = False  # the `DIAGNOSIS` runs (first seed)
+    length: bool = False  # the `LENGTH` runs at `length_factor` x `student_iters` (first seed)
+    length_factor: int = 2
+    resume: bool = False  # reuse the finished runs of ``out/results.json``
     teacher: BackboneConfig = TEACHER
     student: BackboneConfig = STUDENT
     data: DataConfig = field(default_factory=DataConfig)
@@ -180,11 +206,13 @@ def plateau_gain(curve: Sequence[tuple[int, dict]], metric: str = "AP") -> float
     return None
 
 
-def _label(key: str, options: dict | None, kd_decay: bool = False) -> str:
+def _label(key: str, options: dict | None, kd_decay: bool = False, iterations: int | None = None) -> str:
+    """A run's name in tables and legends; ``iterations`` where it differs from the students' schedule."""
     base = "student alone" if key == "student" else METHODS[key].label
     if options:
         base += " (" + ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in options.items()) + ")"
-    return base + (", distillation weight decayed to 0 (cosine)" if kd_decay else "")
+    base += ", distillation weight decayed to 0 (cosine)" if kd_decay else ""
+    return base + (f", {iterations} iterations" if iterations else "")
 
 
 def _stats(runs: list[dict], split: str) -> dict[str, tuple[float, float]]:
@@ -231,12 +259,32 @@ def summarise(cfg: PlateauConfig, state: dict) -> dict:
         for r in state["runs"]
         if r["role"] == "ablation"
     ]
-    diagnosis = [
-        {"key": r["key"], "label": r["label"], "seed": r["seed"], "val": r["val"], "test": r["test"]}
-        for r in state["runs"]
-        if r["role"] == "diagnosis"
-    ]
-    return {"rows": rows, "paired": paired, "ablation": ablation, "diagnosis": diagnosis}
+
+    def entries(role: str) -> list[dict]:
+        return [
+            {
+                "key": r["key"],
+                "label": r["label"],
+                "seed": r["seed"],
+                "iterations": r["iterations"],
+                "val": r["val"],
+                "test": r["test"],
+                "last_quarter_gain_val": plateau_gain(r.get("eval_curve", [])),
+            }
+            for r in state["runs"]
+            if r["role"] == role
+        ]
+
+    # the main runs of the first seed: what the diagnosis and the longer runs are read against
+    reference = [e for e in entries("main") if e["seed"] == cfg.seed and e["key"] in LENGTH]
+    return {
+        "rows": rows,
+        "paired": paired,
+        "ablation": ablation,
+        "reference": reference,
+        "diagnosis": entries("diagnosis"),
+        "length": entries("length"),
+    }
 
 
 def _fmt(ms: tuple[float, float], n: int) -> str:
@@ -323,18 +371,26 @@ def results_markdown(cfg: PlateauConfig, state: dict, tables: dict) -> str:
                 f"| {a['label']} | {m['AP']:.1f} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | {m['APl']:.1f} |"
             )
         lines.append("")
-    if tables.get("diagnosis"):
+    sections = (
+        ("diagnosis", f"## Where the gain comes from (seed {cfg.seed})"),
+        ("length", f"## At {cfg.length_factor}x the students' schedule (seed {cfg.seed})"),
+    )
+    for role, heading in sections:
+        if not tables.get(role):
+            continue
         lines += [
-            f"## Where the gain comes from (seed {cfg.seed})",
+            heading,
             "",
-            "| run | val AP | test AP | test AP50 | test APs | test APm | test APl |",
-            "|---|---:|---:|---:|---:|---:|---:|",
+            "| run | iterations | val AP | val AP gained over the last quarter | test AP | test AP50 | test APs | "
+            "test APm | test APl |",
+            "|---|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
-        for d in tables["diagnosis"]:
+        for d in tables.get("reference", []) + tables[role]:
             v, m = d["val"], d["test"]
             lines.append(
-                f"| {d['label']} | {v['AP']:.1f} | {m['AP']:.1f} | {m['AP50']:.1f} | {m['APs']:.1f} | "
-                f"{m['APm']:.1f} | {m['APl']:.1f} |"
+                f"| {d['label']} | {d['iterations']} | {v['AP']:.1f} | "
+                f"{_gain_text(d['last_quarter_gain_val'], cfg.plateau_tol)} | {m['AP']:.1f} | {m['AP50']:.1f} | "
+                f"{m['APs']:.1f} | {m['APm']:.1f} | {m['APl']:.1f} |"
             )
         lines.append("")
     lines += [
@@ -404,50 +460,61 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     }
     log(f"  teacher: val AP {t_val['AP']:.1f}, test AP {t_test['AP']:.1f}")
     cache = TeacherCache(teacher, splits["train"], cfg.device)
-    student_every = max(1, cfg.student_iters // cfg.eval_points)
 
-    def one(key: str, seed: int, role: str, options: dict | None, kd_decay: bool = False) -> dict:
+    def one(key: str, seed: int, role: str, options: dict | None, kd_decay: bool, iterations: int) -> dict:
         if cfg.jobs > 1:
             torch.set_num_threads(max(1, threads // cfg.jobs))
+        label = _label(key, options, kd_decay, None if iterations == cfg.student_iters else iterations)
         run = runner.student_run(
             key,
             seed,
             splits,
             teacher,
+            iterations=iterations,
             options=options,
             eval_splits=("val", "test"),
-            desc=f"{_label(key, options, kd_decay)} (seed {seed})",
-            eval_every=student_every,
+            desc=f"{label} (seed {seed})",
+            eval_every=max(1, iterations // cfg.eval_points),
             teacher_cache=cache,
             kd_decay=kd_decay,
         )
         run.pop("curves")
         run["test"] = run.pop("metrics")
-        label = _label(key, options, kd_decay)
         run.update(key=key, role=role, options=options or {}, kd_decay=kd_decay, label=label)
         return run
 
     threads = torch.get_num_threads()
     state["student_params"] = num_parameters(runner.build_student())
-    plan: list[tuple] = []
+    n = cfg.student_iters
+    plan: list[tuple] = []  # (key, seed, role, options, kd_decay, iterations)
     for i, seed in enumerate(cfg.seed + k for k in range(cfg.seeds) if cfg.main):
-        plan += [(key, seed, "main", None) for key in ("student", "famkd", "mgd")]
+        plan += [(key, seed, "main", None, False, n) for key in ("student", "famkd", "mgd")]
         if i < cfg.fgd_seeds:
-            plan.append(("fgd", seed, "main", None))
+            plan.append(("fgd", seed, "main", None, False, n))
     if cfg.ablation:
-        plan += [("famkd", cfg.seed, "ablation", change) for change in ABLATION[: cfg.ablation_variants]]
+        plan += [("famkd", cfg.seed, "ablation", change, False, n) for change in ABLATION[: cfg.ablation_variants]]
     if cfg.diagnosis:
-        plan += [(key, cfg.seed, "diagnosis", None, decay) for key, decay in DIAGNOSIS]
+        plan += [(key, cfg.seed, "diagnosis", None, decay, n) for key, decay in DIAGNOSIS]
+    if cfg.length:
+        plan += [(key, cfg.seed, "length", None, False, n * cfg.length_factor) for key in LENGTH]
     done: dict[int, dict] = {}
+    earlier, earlier_wall = _earlier_runs(cfg, state) if cfg.resume else ([], 0.0)
+    for j, run in enumerate(earlier):  # finished before: reused where planned, kept (first) where not
+        item = _plan_item(run)
+        done[plan.index(item) if item in plan else j - len(earlier)] = run
+    if earlier:
+        log(f"  resumed {plural(len(earlier), 'finished run')} from {out / 'results.json'}")
+    todo = [(i, item) for i, item in enumerate(plan) if i not in done]
 
-    def record(i: int, run: dict) -> None:
-        done[i] = run
+    def record(i: int | None = None, run: dict | None = None) -> dict:
+        if i is not None:
+            done[i] = run
         state["runs"] = [done[k] for k in sorted(done)]  # in plan order, whatever finished first
-        state["wall_s"] = time.perf_counter() - start
-        _write(cfg, state)
+        state["wall_s"] = earlier_wall + time.perf_counter() - start
+        return _write(cfg, state)
 
     if cfg.jobs <= 1:
-        for i, item in enumerate(plan):
+        for i, item in todo:
             record(i, one(*item))
     else:
         # forked workers inherit the data, the teacher and its cache; each trains one run at a time
@@ -455,11 +522,33 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
         _FORKED_RUN = one  # a closure cannot be pickled; forked workers find it here
         ctx = multiprocessing.get_context("fork")
         with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx) as pool:
-            futures = {pool.submit(_forked_run, *item): i for i, item in enumerate(plan)}
+            futures = {pool.submit(_forked_run, *item): i for i, item in todo}
             for fut in as_completed(futures):
                 record(futures[fut], fut.result())
-    state["wall_s"] = time.perf_counter() - start
-    return _write(cfg, state)
+    return record()
+
+
+def _plan_item(run: dict) -> tuple:
+    """The plan entry a finished run answers (options as the plan spells them: tuples)."""
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in run["options"].items()} or None
+    return (run["key"], run["seed"], run["role"], options, run.get("kd_decay", False), run["iterations"])
+
+
+def _earlier_runs(cfg: PlateauConfig, state: dict) -> tuple[list[dict], float]:
+    """The runs and wall time of ``cfg.out/results.json`` when its sizes and schedule are this
+    run's (an error when they are not; nothing when there is no such file)."""
+    path = Path(cfg.out) / "results.json"
+    if not path.is_file():
+        return [], 0.0
+    earlier = json.loads(path.read_text())
+    theirs, ours = earlier.get("config", {}), json.loads(json.dumps(state["config"]))
+    changed = [k for k in _RESUME_KEYS if theirs.get(k) != ours.get(k)]
+    if changed:
+        raise ValueError(
+            f"resume: {path} was written with other settings ({', '.join(changed)} differ); "
+            "use another --out or drop --resume to start afresh"
+        )
+    return list(earlier.get("runs", [])), float(earlier.get("wall_s", 0.0))
 
 
 def _write(cfg: PlateauConfig, state: dict) -> dict:

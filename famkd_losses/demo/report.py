@@ -742,7 +742,8 @@ def plot_val_curves(
 ) -> None:
     """Val ``metric`` against iteration, one line per run: ``(method key, label, curve, role)``, a curve
     being ``[(iteration, metrics), ...]``. A method's seeds share its colour and its legend entry;
-    runs of role ``"ablation"`` or ``"diagnosis"`` are dashed; the teacher is drawn on its own iteration axis (left)."""
+    runs of role ``"ablation"``, ``"diagnosis"`` or ``"length"`` are dashed; the teacher is drawn on its
+    own iteration axis (left)."""
     plt = _plt()
     fig, (ax_t, ax) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 2.2]})
     seen: set[str] = set()
@@ -754,7 +755,7 @@ def plot_val_curves(
         its = [p[0] for p in curve]
         vals = [p[1][metric] for p in curve]
         target = ax_t if key == "teacher" else ax
-        if role in ("ablation", "diagnosis"):
+        if role in ("ablation", "diagnosis", "length"):
             ls, legend = styles[ablations % len(styles)], label
             ablations += 1
         else:
