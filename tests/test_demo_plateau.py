@@ -12,7 +12,7 @@ import torch
 for _mod in ("torchvision", "mlxtend", "pycocotools", "matplotlib", "tqdm"):
     pytest.importorskip(_mod, reason="the demo extra is not installed")
 
-from famkd_losses.demo.__main__ import _plateau_parts  # noqa: E402
+from famkd_losses.demo.__main__ import _plateau_methods, _plateau_parts  # noqa: E402
 from famkd_losses.demo.data import DataConfig, make_dataset  # noqa: E402
 from famkd_losses.demo.methods import build_distiller  # noqa: E402
 from famkd_losses.demo.models import STUDENT, DetectorConfig, build_detector  # noqa: E402
@@ -93,6 +93,10 @@ def test_plateau_parts_option():
     assert _plateau_parts("diagnosis") == {"main": False, "ablation": False, "diagnosis": True, "length": False}
     assert _plateau_parts("main, ablation") == {"main": True, "ablation": True, "diagnosis": False, "length": False}
     assert _plateau_parts("length")["length"]
+    assert _plateau_methods("famkd_feature, student") == ("famkd_feature", "student")
+    assert _plateau_methods(None) is None
+    with pytest.raises(SystemExit, match="--methods takes student, mgd"):
+        _plateau_methods("famkd_feat")
     with pytest.raises(SystemExit, match="main, ablation, diagnosis, length"):
         _plateau_parts("mian")
 
@@ -140,6 +144,21 @@ def test_quick_plateau_end_to_end(tmp_path):
     assert [e["key"] for e in resumed["tables"]["reference"]] == ["student", "famkd", "mgd"]
     assert resumed["wall_s"] > summary["wall_s"]
     assert "At 2x the students' schedule" in (out / "results.md").read_text()
+
+
+def test_resume_reuses_a_run_trained_under_another_part():
+    from famkd_losses.demo.plateau import _reuse
+
+    def run(key, seed, role):
+        return {"key": key, "seed": seed, "role": role, "options": {}, "kd_decay": False, "iterations": 30}
+
+    plan = [(k, s, "main", None, False, 30) for s in (0, 1) for k in ("student", "famkd_feature")]
+    earlier = [run("student", 0, "main"), run("famkd_feature", 0, "diagnosis"), run("famkd", 0, "ablation")]
+    done = _reuse(plan, earlier)
+    assert sorted(done) == [-2, -1, 0, 1]  # slots 2, 3 (seed 1) are still to train
+    assert done[0] is earlier[0]
+    assert done[1] == {**earlier[1], "role": "main"}  # the diagnosis run serves the main part too...
+    assert done[-2] is earlier[1] and done[-1] is earlier[2]  # ...and stays where it was
 
 
 def test_resume_refuses_results_of_other_settings(tmp_path):

@@ -87,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
         "default main,ablation",
     )
     p.add_argument(
+        "--methods",
+        default=None,
+        help="plateau: the runs of the main part, comma-separated (default student,famkd,mgd,fgd; fgd over the "
+        "first seed only); e.g. famkd_feature to add FAMKD's feature part over the seeds",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="plateau: reuse the finished runs of --out's results.json (same sizes and schedule) and train only "
@@ -176,6 +182,18 @@ def _plateau_parts(parts: str | None) -> dict[str, bool]:
     return {name: name in names for name in known}
 
 
+def _plateau_methods(methods: str | None) -> tuple[str, ...] | None:
+    from .methods import METHODS
+
+    if methods is None:
+        return None
+    names = tuple(m.strip() for m in methods.split(",") if m.strip())
+    known = ("student", *METHODS)
+    if not names or any(m not in known for m in names):
+        raise SystemExit(f"--methods takes {', '.join(known)} (comma-separated); got {methods!r}")
+    return names
+
+
 def _plateau(args: argparse.Namespace, start: float) -> int:
     from .evaluate import finite_metrics
     from .plateau import PlateauConfig, run_plateau
@@ -190,6 +208,7 @@ def _plateau(args: argparse.Namespace, start: float) -> int:
         student_iters=args.student_iters,
         jobs=args.jobs,
         resume=args.resume,
+        methods=_plateau_methods(args.methods),
         **_shared_options(args),
         **_plateau_parts(args.parts),
     )

@@ -100,7 +100,8 @@ class PlateauConfig:
     warmup: int = 50
     kd_fraction: float = 1.0
     plateau_tol: float = 0.5  # AP gained over the last quarter that still counts as a plateau
-    main: bool = True  # the student alone, + MGD, + FAMKD over the seeds, + FGD
+    main: bool = True  # `methods` over the seeds (FGD over the first `fgd_seeds`)
+    methods: tuple[str, ...] = ("student", "famkd", "mgd", "fgd")
     ablation: bool = True
     ablation_variants: int | None = None  # the first this many of `ABLATION` (None: all)
     diagnosis: bool = False  # the `DIAGNOSIS` runs (first seed)
@@ -250,10 +251,10 @@ def summarise(cfg: PlateauConfig, state: dict) -> dict:
             }
         )
     paired = {}
-    if "famkd" in groups:
+    for key in (k for k in groups if k.startswith("famkd")):
         for other in ("student", "mgd"):
             if other in groups:
-                paired[f"famkd - {other}"] = _paired(groups["famkd"], groups[other])
+                paired[f"{key} - {other}"] = _paired(groups[key], groups[other])
     ablation = [
         {"options": r["options"], "label": r["label"], "val": r["val"]}
         for r in state["runs"]
@@ -488,20 +489,15 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     n = cfg.student_iters
     plan: list[tuple] = []  # (key, seed, role, options, kd_decay, iterations)
     for i, seed in enumerate(cfg.seed + k for k in range(cfg.seeds) if cfg.main):
-        plan += [(key, seed, "main", None, False, n) for key in ("student", "famkd", "mgd")]
-        if i < cfg.fgd_seeds:
-            plan.append(("fgd", seed, "main", None, False, n))
+        plan += [(key, seed, "main", None, False, n) for key in cfg.methods if key != "fgd" or i < cfg.fgd_seeds]
     if cfg.ablation:
         plan += [("famkd", cfg.seed, "ablation", change, False, n) for change in ABLATION[: cfg.ablation_variants]]
     if cfg.diagnosis:
         plan += [(key, cfg.seed, "diagnosis", None, decay, n) for key, decay in DIAGNOSIS]
     if cfg.length:
         plan += [(key, cfg.seed, "length", None, False, n * cfg.length_factor) for key in LENGTH]
-    done: dict[int, dict] = {}
     earlier, earlier_wall = _earlier_runs(cfg, state) if cfg.resume else ([], 0.0)
-    for j, run in enumerate(earlier):  # finished before: reused where planned, kept (first) where not
-        item = _plan_item(run)
-        done[plan.index(item) if item in plan else j - len(earlier)] = run
+    done = _reuse(plan, earlier)
     if earlier:
         log(f"  resumed {plural(len(earlier), 'finished run')} from {out / 'results.json'}")
     todo = [(i, item) for i, item in enumerate(plan) if i not in done]
@@ -532,6 +528,27 @@ def _plan_item(run: dict) -> tuple:
     """The plan entry a finished run answers (options as the plan spells them: tuples)."""
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in run["options"].items()} or None
     return (run["key"], run["seed"], run["role"], options, run.get("kd_decay", False), run["iterations"])
+
+
+def _reuse(plan: list[tuple], earlier: list[dict]) -> dict[int, dict]:
+    """The finished runs by plan slot: an earlier run fills the slot planned for it, or one planned
+    for the same run under another part (a copy with that part's role); the earlier runs that no
+    slot takes are kept, before the plan (negative slots)."""
+    done: dict[int, dict] = {}
+    for j, run in enumerate(earlier):
+        item = _plan_item(run)
+        done[plan.index(item) if item in plan else j - len(earlier)] = run
+    for i, item in enumerate(plan):
+        same = [r for r in earlier if _identity(_plan_item(r)) == _identity(item)]
+        if i not in done and same:
+            done[i] = {**same[0], "role": item[2]}
+    return done
+
+
+def _identity(item: tuple) -> tuple:
+    """What decides a run's result: its plan entry without the part (role) it was planned in."""
+    key, seed, _role, options, kd_decay, iterations = item
+    return (key, seed, options, kd_decay, iterations)
 
 
 def _earlier_runs(cfg: PlateauConfig, state: dict) -> tuple[list[dict], float]:
