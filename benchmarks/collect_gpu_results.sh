@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Unpack the stage tarballs gpu_session.sh left (the device tool's files_at folder) and merge
-# them into benchmarks/results/<device>/: results.json/csv, summary.md, plots, and each stage's
-# log and raw folder under stages/.
-#   bash benchmarks/collect_gpu_results.sh FILES_AT
+# Unpack the stage tarballs of run_gpu_suite.sh (the <stage>.tar.gz files, copied into FOLDER)
+# and merge them into benchmarks/results/<device>/: results.json/csv, summary.md, plots, and
+# each stage's log and raw folder under stages/. Results already there are kept unless a stage
+# measured the same row again.
+#   bash benchmarks/collect_gpu_results.sh FOLDER
 set -euo pipefail
-src=${1:?usage: collect_gpu_results.sh FILES_AT}
+src=${1:?usage: collect_gpu_results.sh FOLDER}
 here=$(cd "$(dirname "$0")" && pwd)
 tmp=$(mktemp -d)
 for t in "$src"/*.tar.gz; do

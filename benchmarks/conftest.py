@@ -1,4 +1,4 @@
-"""pytest-benchmark harness: cases, providers, and a results writer (JSON, CSV, PNG plots).
+"""pytest-benchmark harness: cases, providers, and the results folder (tables by _results.py, report by plot.py).
 
     pytest benchmarks/                      # CPU: eager vs torch.compile on scaled-down cases
     pytest benchmarks/ --bench-cases all    # every case (the default on CUDA)
@@ -9,8 +9,6 @@ versions and git commit.
 
 from __future__ import annotations
 
-import csv
-import json
 import platform
 import subprocess
 import sys
@@ -93,22 +91,12 @@ def results_folder(config, env: dict) -> Path:
     return Path(out) if out else RESULTS_DIR / slug
 
 
-def write_tables(rows: list[dict], env: dict, folder: Path) -> None:
-    """results.json and results.csv (rewritten after every row, so a run stopped part-way keeps
-    what it measured)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "results.json").write_text(json.dumps({"environment": env, "results": rows}, indent=1))
-    keys = sorted({k for r in rows for k in r})
-    with open(folder / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 @pytest.fixture(scope="session")
 def record(request):
     env = environment(bench_device(request.config))
     folder = results_folder(request.config, env)
+
+    from _results import write_tables
 
     def _record(row: dict) -> None:
         RESULTS.append(row)
@@ -150,8 +138,9 @@ def pytest_sessionfinish(session, exitstatus):
         return
     env = environment(bench_device(session.config))
     folder = results_folder(session.config, env)
-    write_tables(RESULTS, env, folder)
+    from _results import write_tables
     from plot import write_report
 
+    write_tables(RESULTS, env, folder)
     write_report(RESULTS, env, folder)
     print(f"\n[benchmarks] {len(RESULTS)} rows written to {folder}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
     python benchmarks/plot.py RESULTS.json [MORE.json ...] -o FOLDER
 
-merges the rows of several runs (e.g. the stages of a GPU session, see gpu_session.sh) into one
+merges the rows of several runs (e.g. the stages of run_gpu_suite.sh) into one
 results.json / results.csv / summary.md / PNGs. The runs must come from one device; each row
 keeps the commit it was measured at.
 """
@@ -14,6 +14,8 @@ import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from _results import write_tables
 
 
 def write_report(rows: list[dict], env: dict, folder: Path) -> None:
@@ -57,7 +59,7 @@ def plot_results(rows: list[dict], env: dict, folder: Path) -> None:
         plt.close(fig)
 
 
-# The issue's targets: RetinaNet shapes, bf16, forward+backward, on an H100/H200.
+# The project's speed targets: RetinaNet shapes, bf16, forward+backward, on an H100/H200.
 TARGET_KEY = ("retinanet_coco_b2", "bfloat16", "fwd_bwd")
 TARGETS = [
     # (workload, what, threshold)
@@ -105,7 +107,7 @@ def _target_lines(table: dict) -> list[str]:
 
 
 def summary_markdown(rows: list[dict], env: dict) -> str:
-    """Markdown: the issue's targets, then per case/workload/dtype/pass the median time of each
+    """Markdown: the speed targets (on CUDA), then per case/workload/dtype/pass the median time of each
     provider, its speed-up over eager, triton's over compile, peak memory and bandwidth."""
     table: dict[tuple, dict[str, dict]] = defaultdict(dict)
     for r in rows:
@@ -173,9 +175,6 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("-o", "--out", type=Path, required=True)
     args = ap.parse_args(argv)
     rows, env = merge(args.results)
-    sys.path.insert(0, str(Path(__file__).parent))
-    from conftest import write_tables
-
     write_tables(rows, env, args.out)
     write_report(rows, env, args.out)
     print(f"{len(rows)} rows -> {args.out}")

@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["acc", "acc_dtype"]
+__all__ = ["accumulation_dtype", "to_accumulation_dtype"]
 
 
-def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 stays float64 (so gradcheck is exact); every other floating dtype -> float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def acc(x: Tensor) -> Tensor:
+def to_accumulation_dtype(x: Tensor) -> Tensor:
     """``x`` in its accumulation dtype (a no-op for float32 and float64)."""
-    return x.to(acc_dtype(x.dtype))
+    return x.to(accumulation_dtype(x.dtype))

@@ -8,12 +8,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dtypes import acc
+from ._dtypes import to_accumulation_dtype
 
 __all__ = [
     "attention_from_saliency",
     "spatial_saliency",
     "channel_saliency",
+    "saliencies",
     "spatial_attention",
     "channel_attention",
     "teacher_attention",
@@ -22,12 +23,18 @@ __all__ = [
 
 def spatial_saliency(feat: Tensor) -> Tensor:
     """``mean_c |feat|``: (N, C, H, W) -> (N, 1, H, W), float32."""
-    return acc(feat).abs().mean(dim=1, keepdim=True)
+    return to_accumulation_dtype(feat).abs().mean(dim=1, keepdim=True)
 
 
 def channel_saliency(feat: Tensor) -> Tensor:
     """``mean_{h,w} |feat|``: (N, C, H, W) -> (N, C, 1, 1), float32."""
-    return acc(feat).abs().mean(dim=(2, 3), keepdim=True)
+    return to_accumulation_dtype(feat).abs().mean(dim=(2, 3), keepdim=True)
+
+
+def saliencies(feat: Tensor) -> tuple[Tensor, Tensor]:
+    """``(spatial_saliency(feat), channel_saliency(feat))`` from one ``|feat|``: (N, 1, H, W), (N, C, 1, 1)."""
+    magnitude = to_accumulation_dtype(feat).abs()
+    return magnitude.mean(dim=1, keepdim=True), magnitude.mean(dim=(2, 3), keepdim=True)
 
 
 def attention_from_saliency(saliency: Tensor, tau: float) -> Tensor:
@@ -53,4 +60,5 @@ def channel_attention(feat: Tensor, tau: float) -> Tensor:
 
 def teacher_attention(feat: Tensor, tau: float) -> tuple[Tensor, Tensor]:
     """Both attentions of one map: ``(A_sp (N, 1, H, W), A_ch (N, C, 1, 1))``, float32."""
-    return spatial_attention(feat, tau), channel_attention(feat, tau)
+    sp, ch = saliencies(feat)
+    return attention_from_saliency(sp, tau), attention_from_saliency(ch, tau)

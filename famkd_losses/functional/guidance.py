@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._dtypes import acc
+from ._dtypes import to_accumulation_dtype
 from .masks import topk_mask
 from .pyramid import active_scales, blockwise_upsample, max_pool
 
@@ -25,7 +25,7 @@ WEIGHT_MODES = ("soft", "mask")
 
 def feature_guidance(s_feat: Tensor, t_feat: Tensor) -> Tensor:
     """``mean_c (T - S)^2``: two (N, C, H, W) maps -> float32 (N, H, W)."""
-    return (acc(t_feat) - acc(s_feat)).square().mean(dim=1)
+    return (to_accumulation_dtype(t_feat) - to_accumulation_dtype(s_feat)).square().mean(dim=1)
 
 
 def region_aware_guidance(guide: Tensor, scales: Sequence[int]) -> Tensor:
@@ -49,7 +49,7 @@ def region_aware_guidance(guide: Tensor, scales: Sequence[int]) -> Tensor:
 def soft_weights(guide: Tensor, tau_w: float) -> Tensor:
     """``P * softmax_p(D / tau_w)`` per image: (N, P) -> float32 (N, P), mean exactly 1."""
     p = guide.shape[1]
-    return p * torch.softmax(acc(guide) / tau_w, dim=1)
+    return p * torch.softmax(to_accumulation_dtype(guide) / tau_w, dim=1)
 
 
 def mask_weights(guide: Tensor, ratio: float) -> Tensor:

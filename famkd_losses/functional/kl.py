@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._dtypes import acc
+from ._dtypes import to_accumulation_dtype
 
 __all__ = ["binary_kl", "softmax_kl"]
 
@@ -20,8 +20,8 @@ def binary_kl(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0) -> T
     equals ``p log(p/q) + (1-p) log((1-p)/(1-q))`` and is exactly 0 where the logits are equal.
     Not multiplied by ``T^2``.
     """
-    a = acc(t_logits) / temperature
-    b = acc(s_logits) / temperature
+    a = to_accumulation_dtype(t_logits) / temperature
+    b = to_accumulation_dtype(s_logits) / temperature
     # KL(Bern(p) || Bern(q)) is unchanged when both logits change sign; with the teacher's
     # logit <= 0 the terms below are small and do not cancel (large, nearly equal logits).
     flip = torch.where(a > 0, -1.0, 1.0).to(a.dtype)
@@ -35,6 +35,6 @@ def softmax_kl(s_logits: Tensor, t_logits: Tensor, temperature: float = 1.0, dim
 
     Not multiplied by ``T^2``.
     """
-    log_p = torch.log_softmax(acc(t_logits) / temperature, dim=dim)
-    log_q = torch.log_softmax(acc(s_logits) / temperature, dim=dim)
+    log_p = torch.log_softmax(to_accumulation_dtype(t_logits) / temperature, dim=dim)
+    log_q = torch.log_softmax(to_accumulation_dtype(s_logits) / temperature, dim=dim)
     return (log_p.exp() * (log_p - log_q)).sum(dim=dim)

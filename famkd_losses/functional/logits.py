@@ -12,7 +12,7 @@ import torch
 from einops import rearrange
 from torch import Tensor
 
-from ._dtypes import acc
+from ._dtypes import to_accumulation_dtype
 from .kl import binary_kl, softmax_kl
 
 __all__ = ["HEADS", "to_positions", "position_kl", "position_prob_diff", "weighted_kl_sum"]
@@ -33,7 +33,7 @@ def to_positions(logits: Tensor, num_classes: int | None = None) -> Tensor:
 
 
 def _probs(z: Tensor, head: str, temperature: float) -> Tensor:
-    z = acc(z) / temperature
+    z = to_accumulation_dtype(z) / temperature
     return torch.sigmoid(z) if head == "sigmoid" else torch.softmax(z, dim=-1)
 
 
@@ -81,4 +81,4 @@ def weighted_kl_sum(
 ) -> Tensor:
     """``sum_{n,p} W(n,p) * KL(n,p)``: float32 scalar. ``weights`` (N, P); no ``T^2`` factor."""
     kl = position_kl(s_logits, t_logits, head=head, temperature=temperature, num_classes=num_classes)
-    return (acc(weights) * kl).sum()
+    return (to_accumulation_dtype(weights) * kl).sum()

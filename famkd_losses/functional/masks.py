@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ._dtypes import acc
+from ._dtypes import to_accumulation_dtype
 from .attention import channel_saliency, spatial_saliency
 
 __all__ = [
@@ -77,7 +77,7 @@ def selection_keys(
         return scores, False
     if mode == "sample":
         u = _uniform(scores.shape, generator, scores.device).clamp_(min=torch.finfo(torch.float32).tiny)
-        return acc(scores) / tau - torch.log(-torch.log(u)), True
+        return to_accumulation_dtype(scores) / tau - torch.log(-torch.log(u)), True
     if mode == "random":
         return _uniform(scores.shape, generator, scores.device), True
     raise ValueError(f"mask_mode must be one of {MASK_MODES!r}, got {mode!r}")

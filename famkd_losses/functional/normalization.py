@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ._dtypes import acc
+from ._dtypes import to_accumulation_dtype
 
 __all__ = ["standardize_channels", "pearson_loss", "channel_wise_divergence"]
 
@@ -15,7 +15,7 @@ def standardize_channels(feat: Tensor, eps: float = 1e-6) -> Tensor:
 
     ``std`` is the unbiased one, so N*H*W must be at least 2. (N, C, H, W) -> float32 same shape.
     """
-    x = acc(feat)
+    x = to_accumulation_dtype(feat)
     mean = x.mean(dim=(0, 2, 3), keepdim=True)
     std = x.std(dim=(0, 2, 3), keepdim=True)
     return (x - mean) / (std + eps)
@@ -29,8 +29,8 @@ def pearson_loss(s_feat: Tensor, t_feat: Tensor) -> Tensor:
 def channel_wise_divergence(s_feat: Tensor, t_feat: Tensor, tau: float = 1.0) -> Tensor:
     """CWD: ``tau^2 / (N*C) * sum_{n,c} KL(softmax_hw(T/tau) || softmax_hw(S/tau))``; float32 scalar."""
     n, c = s_feat.shape[:2]
-    s = acc(s_feat).reshape(n * c, -1) / tau
-    t = acc(t_feat).reshape(n * c, -1) / tau
+    s = to_accumulation_dtype(s_feat).reshape(n * c, -1) / tau
+    t = to_accumulation_dtype(t_feat).reshape(n * c, -1) / tau
     log_p = torch.log_softmax(t, dim=1)
     log_q = torch.log_softmax(s, dim=1)
     return (log_p.exp() * (log_p - log_q)).sum() * (tau**2) / (n * c)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch.nn.functional as F
 from torch import Tensor
 
-from .attention import channel_saliency, spatial_saliency
+from .attention import saliencies
 
 __all__ = ["active_scales", "max_pool", "maxpool_pyramid", "teacher_pyramid", "blockwise_upsample"]
 
@@ -42,7 +42,7 @@ def teacher_pyramid(t: Tensor, scales: Sequence[int]) -> list[tuple[Tensor, Tens
     out = []
     for s in scales:
         t_s = max_pool(t, s)
-        out.append((t_s, spatial_saliency(t_s), channel_saliency(t_s)))
+        out.append((t_s, *saliencies(t_s)))
     return out
 
 

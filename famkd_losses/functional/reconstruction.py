@@ -7,14 +7,14 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from ._dtypes import acc
+from ._dtypes import to_accumulation_dtype
 
 __all__ = ["fusion_weights", "fuse_reconstructions", "reconstruction_error", "squared_error_sum"]
 
 
 def fusion_weights(fusion_logits: Tensor) -> Tensor:
     """Adaptive branch weights ``softmax(theta)``: (B,) -> float32 (B,), summing to 1."""
-    return torch.softmax(acc(fusion_logits), dim=-1)
+    return torch.softmax(to_accumulation_dtype(fusion_logits), dim=-1)
 
 
 def fuse_reconstructions(recons: Sequence[Tensor], fusion_logits: Tensor | None = None) -> Tensor:
@@ -25,16 +25,16 @@ def fuse_reconstructions(recons: Sequence[Tensor], fusion_logits: Tensor | None 
     if fusion_logits is None:
         if len(recons) != 1:
             raise ValueError(f"fusion_logits are needed to fuse {len(recons)} reconstructions")
-        return acc(recons[0])
+        return to_accumulation_dtype(recons[0])
     if fusion_logits.shape != (len(recons),):
         raise ValueError(
             f"fusion_logits must have shape ({len(recons)},) for {len(recons)} reconstructions, "
             f"got {tuple(fusion_logits.shape)}"
         )
     w = fusion_weights(fusion_logits)
-    out = w[0] * acc(recons[0])
+    out = w[0] * to_accumulation_dtype(recons[0])
     for i in range(1, len(recons)):
-        out = out + w[i] * acc(recons[i])
+        out = out + w[i] * to_accumulation_dtype(recons[i])
     return out
 
 
@@ -44,7 +44,7 @@ def squared_error_sum(pred: Tensor, target: Tensor, weight: Tensor | None = None
     ``weight`` broadcasts against (N, C, H, W), e.g. an (N, 1, H, W) spatial map times an
     (N, C, 1, 1) channel map.
     """
-    err = (acc(pred) - acc(target)).square()
+    err = (to_accumulation_dtype(pred) - to_accumulation_dtype(target)).square()
     if weight is not None:
         err = err * weight
     return err.sum()

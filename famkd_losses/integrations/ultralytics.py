@@ -64,7 +64,8 @@ __all__ = [
 LossFactory = Callable[[list[int], list[int], int], nn.Module]
 """``(student_channels, teacher_channels, num_classes) -> loss module``."""
 
-BRANCHES = ("one2many", "one2one")
+DETECT_HEAD_BRANCHES = ("one2many", "one2one")
+"""The two logit branches of an end-to-end YOLO ``Detect`` head, the values of ``branch=``."""
 
 
 def default_loss(student_channels: list[int], teacher_channels: list[int], num_classes: int) -> nn.Module:
@@ -109,7 +110,7 @@ def yolo_outputs(
     Returns:
         `DetectorOutputs` with ``features`` and ``cls_logits`` (N, nc, H_l, W_l) per level.
     """
-    check_choice("branch", branch, BRANCHES)
+    check_choice("branch", branch, DETECT_HEAD_BRANCHES)
     feats_dict, logits_dict = _head_dict(raw, branch)
     for key, d in (("feats", feats_dict), ("scores", logits_dict)):
         if key not in d:
@@ -173,7 +174,7 @@ class YOLODistillationModel(DistillationModel):
         branch: str = "one2many",
     ) -> None:
         nn.Module.__init__(self)  # ultralytics' __init__ builds its own projector and hooks: not used
-        check_choice("branch", branch, BRANCHES)
+        check_choice("branch", branch, DETECT_HEAD_BRANCHES)
         if isinstance(teacher_model, (str, Path)):
             teacher_model = load_checkpoint(teacher_model)[0]
         if not isinstance(teacher_model, nn.Module):
@@ -340,7 +341,7 @@ def distillation_trainer(
     ``loss(student_channels, teacher_channels, num_classes)`` returning one (the channels are
     then read from the two models); ``teacher``, when given, replaces ``distill_model=``.
     """
-    check_choice("branch", branch, BRANCHES)
+    check_choice("branch", branch, DETECT_HEAD_BRANCHES)
     if loss is not None and not callable(loss):
         raise TypeError(
             "loss must be a loss module or a factory (student_channels, teacher_channels, num_classes) -> module, "

@@ -9,6 +9,7 @@ they are tested without a GPU.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -53,14 +54,6 @@ def can_run(*tensors: torch.Tensor) -> bool:
     return all(t.dim() == 0 or (t.shape[0] <= _MAX_GRID_YZ and _per_image_extent(t) <= _MAX_OFFSET) for t in tensors)
 
 
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 def on_device(t: torch.Tensor):
     """Context to launch on ``t``'s GPU (triton launches on the current device and stream)."""
-    return torch.cuda.device(t.device) if t.is_cuda else _NullContext()
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()

@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ..functional._dtypes import acc
 from ..functional.logits import HEADS
 from . import HAS_TRITON, can_run, on_device
+from ._common import KERNEL_DTYPES, has_kernel_dtype
 
 __all__ = [
     "MAX_SOFTMAX_CLASSES",
@@ -44,10 +45,9 @@ __all__ = [
     "PositionKL",
     "position_kl_and_guidance",
     "supported",
-    "weighted_kl_sum_triton",
 ]
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+SUPPORTED_DTYPES = KERNEL_DTYPES
 MAX_SOFTMAX_CLASSES = 16384  # one anchor's K classes live in one tile
 _TILE = 2048  # elements of one [BLOCK_P, BLOCK_C | BLOCK_K] tile (more only when one anchor needs it)
 _MAX_BLOCK_P = 128
@@ -65,15 +65,21 @@ if HAS_TRITON:
     import triton
     import triton.language as tl
 
+    from ._common import spatial_offsets
+
     @triton.jit
-    def _pos_offsets(offs_p, width, stride_h, stride_w, SPLIT_HW: tl.constexpr):
-        """Element offsets of positions ``offs_p`` [BLOCK_P]: ``h*stride_h + w*stride_w`` with
-        ``p = h*width + w``, or ``p*stride_w`` when the positions have one stride."""
-        if SPLIT_HW:
-            off = (offs_p // width) * stride_h + (offs_p % width) * stride_w
-        else:
-            off = offs_p * stride_w
-        return off
+    def _position_block(P, BLOCK_P: tl.constexpr):
+        """This program's image ``n`` (grid axis 2, int64) and positions ``offs_p`` [BLOCK_P]
+        (block ``program_id(0)``), with their in-range mask."""
+        n = tl.program_id(2).to(tl.int64)
+        offs_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+        return n, offs_p, offs_p < P
+
+    @triton.jit
+    def _rows(ptr, n, offs_p, width, stride_n, stride_h, stride_w, SPLIT_HW: tl.constexpr):
+        """Pointers [BLOCK_P, 1] to channel 0 of positions ``offs_p`` (``p = h*width + w``) of
+        image ``n``; without SPLIT_HW the positions have the one stride ``stride_w``."""
+        return ptr + n * stride_n + spatial_offsets(offs_p, width, stride_h, stride_w, SPLIT_HW)[:, None]
 
     @triton.jit
     def _log1p(u):
@@ -152,13 +158,10 @@ if HAS_TRITON:
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        pid_p = tl.program_id(0)
         pid_s = tl.program_id(1)
-        n = tl.program_id(2).to(tl.int64)
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
-        s_rows = s_ptr + n * s_sn + _pos_offsets(offs_p, width, s_sh, s_sw, SPLIT_HW)[:, None]
-        t_rows = t_ptr + n * t_sn + _pos_offsets(offs_p, width, t_sh, t_sw, SPLIT_HW)[:, None]
+        n, offs_p, mask_p = _position_block(P, BLOCK_P)
+        s_rows = _rows(s_ptr, n, offs_p, width, s_sn, s_sh, s_sw, SPLIT_HW)
+        t_rows = _rows(t_ptr, n, offs_p, width, t_sn, t_sh, t_sw, SPLIT_HW)
         kl_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         d_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
         c_begin = pid_s * SPAN
@@ -201,16 +204,13 @@ if HAS_TRITON:
         BLOCK_P: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid_p = tl.program_id(0)
         pid_s = tl.program_id(1)
-        n = tl.program_id(2).to(tl.int64)
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
+        n, offs_p, mask_p = _position_block(P, BLOCK_P)
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask = mask_p[:, None] & mask_k[None, :]
-        s_rows = s_ptr + n * s_sn + _pos_offsets(offs_p, width, s_sh, s_sw, SPLIT_HW)[:, None]
-        t_rows = t_ptr + n * t_sn + _pos_offsets(offs_p, width, t_sh, t_sw, SPLIT_HW)[:, None]
+        s_rows = _rows(s_ptr, n, offs_p, width, s_sn, s_sh, s_sw, SPLIT_HW)
+        t_rows = _rows(t_ptr, n, offs_p, width, t_sn, t_sh, t_sw, SPLIT_HW)
         kl_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
         d_acc = tl.zeros([BLOCK_P], dtype=tl.float32)
         a_begin = pid_s * SPAN
@@ -254,16 +254,13 @@ if HAS_TRITON:
         BLOCK_P: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
-        pid_p = tl.program_id(0)
         c_begin = tl.program_id(1) * SPAN
-        n = tl.program_id(2).to(tl.int64)
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
+        n, offs_p, mask_p = _position_block(P, BLOCK_P)
         g = tl.load(g_ptr + n * g_sn + offs_p * g_sp, mask=mask_p, other=0.0).to(tl.float32)
         g = (g * inv_t)[:, None]
-        s_rows = s_ptr + n * s_sn + _pos_offsets(offs_p, width, s_sh, s_sw, SPLIT_HW)[:, None]
-        t_rows = t_ptr + n * t_sn + _pos_offsets(offs_p, width, t_sh, t_sw, SPLIT_HW)[:, None]
-        o_rows = gs_ptr + n * o_sn + _pos_offsets(offs_p, width, o_sh, o_sw, SPLIT_HW)[:, None]
+        s_rows = _rows(s_ptr, n, offs_p, width, s_sn, s_sh, s_sw, SPLIT_HW)
+        t_rows = _rows(t_ptr, n, offs_p, width, t_sn, t_sh, t_sw, SPLIT_HW)
+        o_rows = _rows(gs_ptr, n, offs_p, width, o_sn, o_sh, o_sw, SPLIT_HW)
         for c0 in range(c_begin, tl.minimum(C, c_begin + SPAN), BLOCK_C):
             offs_c = c0 + tl.arange(0, BLOCK_C)
             mask = mask_p[:, None] & (offs_c < C)[None, :]
@@ -303,19 +300,16 @@ if HAS_TRITON:
         BLOCK_P: tl.constexpr,
         BLOCK_K: tl.constexpr,
     ):
-        pid_p = tl.program_id(0)
         a_begin = tl.program_id(1) * SPAN
-        n = tl.program_id(2).to(tl.int64)
-        offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        mask_p = offs_p < P
+        n, offs_p, mask_p = _position_block(P, BLOCK_P)
         offs_k = tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         mask = mask_p[:, None] & mask_k[None, :]
         g = tl.load(g_ptr + n * g_sn + offs_p * g_sp, mask=mask_p, other=0.0).to(tl.float32)
         g = (g * inv_t)[:, None]
-        s_rows = s_ptr + n * s_sn + _pos_offsets(offs_p, width, s_sh, s_sw, SPLIT_HW)[:, None]
-        t_rows = t_ptr + n * t_sn + _pos_offsets(offs_p, width, t_sh, t_sw, SPLIT_HW)[:, None]
-        o_rows = gs_ptr + n * o_sn + _pos_offsets(offs_p, width, o_sh, o_sw, SPLIT_HW)[:, None]
+        s_rows = _rows(s_ptr, n, offs_p, width, s_sn, s_sh, s_sw, SPLIT_HW)
+        t_rows = _rows(t_ptr, n, offs_p, width, t_sn, t_sh, t_sw, SPLIT_HW)
+        o_rows = _rows(gs_ptr, n, offs_p, width, o_sn, o_sh, o_sw, SPLIT_HW)
         for anchor in range(a_begin, tl.minimum(A, a_begin + SPAN)):
             offs_c = anchor * K + offs_k
             s = tl.load(s_rows + offs_c[None, :] * s_sc, mask=mask, other=0.0).to(tl.float32)
@@ -330,15 +324,26 @@ if HAS_TRITON:
 # ------------------------------------------------------------------------------------------------
 
 
-def _geometry(x: Tensor, num_classes: int | None) -> tuple[int, int, int, int, int, int]:
-    """``(N, C, P, A, K, W)`` of dense ``(N, A*K, H, W)`` or flattened ``(N, P, K)`` logits
-    (flattened: A = 1, and W = P, one row of positions)."""
+class _Geometry(NamedTuple):
+    """Sizes of dense ``(N, A*K, H, W)`` or flattened ``(N, P, K)`` logits (flattened: A = 1 and
+    W = P, one row of positions)."""
+
+    images: int  # N
+    channels: int  # A*K
+    positions: int  # P = H*W
+    anchors: int  # A
+    classes: int  # K
+    width: int  # W: p = h*W + w
+
+
+def _geometry(x: Tensor, num_classes: int | None) -> _Geometry:
+    """The `_Geometry` of ``x``, with ``num_classes`` classes per anchor (None: one anchor)."""
     if x.dim() == 3:
         n, p, k = x.shape
-        return n, k, p, 1, k, p
+        return _Geometry(n, k, p, 1, k, p)
     n, c, h, w = x.shape
     k = c if num_classes is None else num_classes
-    return n, c, h * w, c // k, k, w
+    return _Geometry(n, c, h * w, c // k, k, w)
 
 
 def _needs_split(x: Tensor) -> bool:
@@ -374,6 +379,29 @@ def _blocks(head: str, c: int, k: int, p: int, positions_contiguous: bool) -> tu
         block_p = min(np2(p), max(1, _TILE // block_k))
     num_warps = min(16, max(4, block_p * block_k // 512))
     return block_p, block_k, num_warps
+
+
+class _Layout(NamedTuple):
+    """How one pass reads its tensors: SPLIT_HW, each tensor's `_strides`, the tile (`_blocks`)
+    and the number of position blocks (grid axis 0)."""
+
+    split_hw: bool
+    strides: list[tuple[int, int, int, int]]
+    block_p: int
+    block_k: int
+    num_warps: int
+    p_blocks: int
+
+
+def _layout(head: str, geo: _Geometry, *tensors: Tensor) -> _Layout:
+    """The `_Layout` of a pass over ``tensors``, the student first (the tile runs along its
+    contiguous axis)."""
+    split_hw = any(_needs_split(x) for x in tensors)
+    strides = [_strides(x, split_hw) for x in tensors]
+    block_p, block_k, num_warps = _blocks(
+        head, geo.channels, geo.classes, geo.positions, positions_contiguous=strides[0][3] == 1 and not split_hw
+    )
+    return _Layout(split_hw, strides, block_p, block_k, num_warps, triton.cdiv(geo.positions, block_p))
 
 
 @functools.cache
@@ -443,7 +471,7 @@ def supported(s_logits: Tensor, t_logits: Tensor, *, head: str = "sigmoid", num_
     and for the softmax head K <= `MAX_SOFTMAX_CLASSES`). Shapes are not checked."""
     if not can_run(s_logits, t_logits):
         return False
-    if s_logits.dtype not in SUPPORTED_DTYPES or t_logits.dtype not in SUPPORTED_DTYPES:
+    if not has_kernel_dtype(s_logits, t_logits):
         return False
     if head == "softmax":
         k = s_logits.shape[-1] if s_logits.dim() == 3 else (num_classes or s_logits.shape[1])
@@ -452,73 +480,61 @@ def supported(s_logits: Tensor, t_logits: Tensor, *, head: str = "sigmoid", num_
 
 
 def _forward(s: Tensor, t: Tensor, head: str, temperature: float, num_classes: int | None) -> tuple[Tensor, Tensor]:
-    n, c, p, a, k, width = _geometry(s, num_classes)
-    if n * p == 0 or c == 0:
+    """``(kl, d)``, both (N, P) float32: one launch, or one per split plus the sums of the partials."""
+    geo = _geometry(s, num_classes)
+    n, p = geo.images, geo.positions
+    if n * p == 0 or geo.channels == 0:
         kl = torch.zeros((n, p), dtype=torch.float32, device=s.device)  # sums over no classes
         return kl, torch.full_like(kl, float("nan"))  # means over none
-    if head == "softmax" and k > MAX_SOFTMAX_CLASSES:
-        raise ValueError(f"softmax head: K={k} classes exceed the kernel's {MAX_SOFTMAX_CLASSES}")
-    split_hw = _needs_split(s) or _needs_split(t)
-    ss, ts = _strides(s, split_hw), _strides(t, split_hw)
-    block_p, block_k, num_warps = _blocks(head, c, k, p, positions_contiguous=ss[3] == 1 and not split_hw)
-    p_blocks = triton.cdiv(p, block_p)
-    span, splits = _forward_span(head, c, a, block_k, p_blocks * n, s)
+    if head == "softmax" and geo.classes > MAX_SOFTMAX_CLASSES:
+        raise ValueError(f"softmax head: K={geo.classes} classes exceed the kernel's {MAX_SOFTMAX_CLASSES}")
+    lay = _layout(head, geo, s, t)
+    span, splits = _forward_span(head, geo.channels, geo.anchors, lay.block_k, lay.p_blocks * n, s)
     kl = torch.empty((n, splits, p), dtype=torch.float32, device=s.device)
     d = torch.empty((n, splits, p), dtype=torch.float32, device=s.device)
+    grid = (lay.p_blocks, splits, n)
+    ss, ts = lay.strides
+    inv_t, inv_c = 1.0 / temperature, 1.0 / geo.channels
     with on_device(s):
-        _launch_forward(
-            head, (p_blocks, splits, n), s, t, kl, d, a, k, c, span, p, width, ss, ts, temperature, split_hw,
-            block_p, block_k, num_warps,
-        )  # fmt: skip
+        if head == "sigmoid":
+            _sigmoid_fwd_kernel[grid](
+                s, t, kl, d, geo.channels, span, p, geo.width, *ss, *ts, inv_t, inv_c,
+                SPLIT_HW=lay.split_hw, BLOCK_P=lay.block_p, BLOCK_C=lay.block_k, num_warps=lay.num_warps,
+            )  # fmt: skip
+        else:
+            _softmax_fwd_kernel[grid](
+                s, t, kl, d, geo.anchors, span, geo.classes, p, geo.width, *ss, *ts, inv_t, inv_c,
+                SPLIT_HW=lay.split_hw, BLOCK_P=lay.block_p, BLOCK_K=lay.block_k, num_warps=lay.num_warps,
+            )  # fmt: skip
     if splits == 1:
         return kl.view(n, p), d.view(n, p)
     return kl.sum(1), d.sum(1)  # a fixed order: deterministic
 
 
-def _launch_forward(head, grid, s, t, kl, d, a, k, c, span, p, width, ss, ts, temperature, split_hw, block_p,
-                    block_k, num_warps) -> None:  # fmt: skip
-    if head == "sigmoid":
-        _sigmoid_fwd_kernel[grid](
-            s, t, kl, d, c, span, p, width, *ss, *ts, 1.0 / temperature, 1.0 / c,
-            SPLIT_HW=split_hw, BLOCK_P=block_p, BLOCK_C=block_k, num_warps=num_warps,
-        )  # fmt: skip
-    else:
-        _softmax_fwd_kernel[grid](
-            s, t, kl, d, a, span, k, p, width, *ss, *ts, 1.0 / temperature, 1.0 / c,
-            SPLIT_HW=split_hw, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
-        )  # fmt: skip
-
-
 def _backward(s: Tensor, t: Tensor, dkl: Tensor, head: str, temperature: float, num_classes: int | None) -> Tensor:
-    n, c, p, a, k, width = _geometry(s, num_classes)
+    """dL/ds from dL/dkl ``dkl`` (N, P): in s's dtype and, if s is dense, its strides."""
+    geo = _geometry(s, num_classes)
     gs = torch.empty_like(s)  # keeps channels_last and other dense layouts
     if gs.numel() == 0:
         return gs
-    split_hw = _needs_split(s) or _needs_split(t) or _needs_split(gs)
-    ss, ts, os_ = _strides(s, split_hw), _strides(t, split_hw), _strides(gs, split_hw)
-    block_p, block_k, num_warps = _blocks(head, c, k, p, positions_contiguous=ss[3] == 1 and not split_hw)
-    p_blocks = triton.cdiv(p, block_p)
-    span, splits = _span(head, c, a, block_k, p_blocks * n, s)
+    lay = _layout(head, geo, s, t, gs)
+    span, splits = _span(head, geo.channels, geo.anchors, lay.block_k, lay.p_blocks * geo.images, s)
+    grid = (lay.p_blocks, splits, geo.images)
+    ss, ts, os_ = lay.strides
     with on_device(s):
-        _launch_backward(
-            head, (p_blocks, splits, n), s, t, dkl, gs, a, k, c, span, p, width, ss, ts, os_, dkl.stride(),
-            temperature, split_hw, block_p, block_k, num_warps,
-        )  # fmt: skip
+        if head == "sigmoid":
+            _sigmoid_bwd_kernel[grid](
+                s, t, dkl, gs, geo.channels, span, geo.positions, geo.width, *ss, *ts, *os_, *dkl.stride(),
+                1.0 / temperature,
+                SPLIT_HW=lay.split_hw, BLOCK_P=lay.block_p, BLOCK_C=lay.block_k, num_warps=lay.num_warps,
+            )  # fmt: skip
+        else:
+            _softmax_bwd_kernel[grid](
+                s, t, dkl, gs, geo.anchors, span, geo.classes, geo.positions, geo.width, *ss, *ts, *os_,
+                *dkl.stride(), 1.0 / temperature,
+                SPLIT_HW=lay.split_hw, BLOCK_P=lay.block_p, BLOCK_K=lay.block_k, num_warps=lay.num_warps,
+            )  # fmt: skip
     return gs
-
-
-def _launch_backward(head, grid, s, t, dkl, gs, a, k, c, span, p, width, ss, ts, os_, gstr, temperature, split_hw,
-                     block_p, block_k, num_warps) -> None:  # fmt: skip
-    if head == "sigmoid":
-        _sigmoid_bwd_kernel[grid](
-            s, t, dkl, gs, c, span, p, width, *ss, *ts, *os_, *gstr, 1.0 / temperature,
-            SPLIT_HW=split_hw, BLOCK_P=block_p, BLOCK_C=block_k, num_warps=num_warps,
-        )  # fmt: skip
-    else:
-        _softmax_bwd_kernel[grid](
-            s, t, dkl, gs, a, span, k, p, width, *ss, *ts, *os_, *gstr, 1.0 / temperature,
-            SPLIT_HW=split_hw, BLOCK_P=block_p, BLOCK_K=block_k, num_warps=num_warps,
-        )  # fmt: skip
 
 
 class PositionKL(torch.autograd.Function):
@@ -571,20 +587,3 @@ def position_kl_and_guidance(
     """
     _check(s_logits, t_logits, head, temperature, num_classes)
     return PositionKL.apply(s_logits, t_logits, head, float(temperature), num_classes)
-
-
-def weighted_kl_sum_triton(
-    s_logits: Tensor,
-    t_logits: Tensor,
-    weights: Tensor,
-    *,
-    head: str = "sigmoid",
-    temperature: float = 1.0,
-    num_classes: int | None = None,
-) -> Tensor:
-    """``sum_{n,p} W(n,p) * KL(n,p)`` as ``functional.weighted_kl_sum``: float32 scalar
-    (differentiable w.r.t. ``s_logits`` and ``weights``). ``weights`` (N, P)."""
-    kl, _ = position_kl_and_guidance(s_logits, t_logits, head=head, temperature=temperature, num_classes=num_classes)
-    if weights.shape != kl.shape:
-        raise ValueError(f"weights must be (N, P) = {tuple(kl.shape)}, got {tuple(weights.shape)}")
-    return (acc(weights) * kl).sum()

@@ -35,16 +35,17 @@ dense, masks of another shape, and for float64.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import HAS_TRITON, can_run, on_device
+from ._common import has_kernel_dtype
 
 __all__ = ["MAX_RANK_ENTRIES", "masked_branches", "supported", "topk_mask"]
 
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 2048  # elements per program
 _NUM_WARPS = 8
 MAX_RANK_ENTRIES = 2048  # longest row `topk_mask` ranks by counting (M^2 comparisons per row)
@@ -185,7 +186,7 @@ def topk_mask(scores: Tensor, ratio: float, *, largest: bool = True) -> Tensor:
     from ..functional.masks import topk_mask as reference
 
     n, m = scores.shape
-    if not (HAS_TRITON and 0 < m <= MAX_RANK_ENTRIES and n > 0 and scores.dtype in _KERNEL_DTYPES and can_run(scores)):
+    if not topk_supported(scores):
         return reference(scores, ratio, largest=largest)
     if m > 1 and scores.stride(1) != 1:
         scores = scores.contiguous()
@@ -226,7 +227,7 @@ def supported(x: Tensor, masks: Sequence[Tensor]) -> bool:
     return (
         HAS_TRITON
         and x.dim() == 4
-        and x.dtype in _KERNEL_DTYPES
+        and has_kernel_dtype(x)
         and x.numel() > 0
         and 1 <= len(masks) <= 2
         and _memory_format(x) is not None
@@ -235,13 +236,30 @@ def supported(x: Tensor, masks: Sequence[Tensor]) -> bool:
     )
 
 
-def _geometry(shape: torch.Size, channels_last: bool) -> tuple[int, int, int, int, int, int]:
-    """(rows, cols, C, H*W, BLOCK_R, BLOCK_C) of x's memory order."""
+class _Tiling(NamedTuple):
+    """x's memory order as a (rows, cols) matrix, (N*C, H*W) or (N*H*W, C) for channels_last,
+    cut into [block_r, block_c] tiles."""
+
+    rows: int
+    cols: int
+    channels: int  # C
+    spatial: int  # H*W
+    block_r: int
+    block_c: int
+
+    @property
+    def grid(self) -> tuple[int]:
+        """One program per tile, along grid axis 0."""
+        return (triton.cdiv(self.rows, self.block_r) * triton.cdiv(self.cols, self.block_c),)
+
+
+def _tiling(shape: torch.Size, channels_last: bool) -> _Tiling:
+    """The tiling of an (N, C, H, W) map, contiguous or channels_last."""
     n, c, h, w = shape
     rows, cols = (n * h * w, c) if channels_last else (n * c, h * w)
     block_c = min(triton.next_power_of_2(cols), 256 if channels_last else 512)
     block_r = max(1, min(triton.next_power_of_2(rows), _TILE // block_c))
-    return rows, cols, c, h * w, block_r, block_c
+    return _Tiling(rows, cols, c, h * w, block_r, block_c)
 
 
 class _MaskedBranches(torch.autograd.Function):
@@ -254,14 +272,12 @@ class _MaskedBranches(torch.autograd.Function):
         kinds = [_mask_kind(m, x) for m in masks]
         flat = [m.reshape(x.shape[0], -1).contiguous() for m in masks]  # (N, HW) or (N, C)
         outs = [torch.empty_like(x, memory_format=fmt) for _ in masks]
-        rows, cols, c, hw, block_r, block_c = _geometry(x.shape, channels_last)
-        two = len(masks) == 2
-        grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+        tiles = _tiling(x.shape, channels_last)
         with on_device(x):
-            _masked_fwd_kernel[grid](
-                x, flat[0], flat[-1], outs[0], outs[-1], rows, cols, c, hw,
-                CHANNELS_LAST=channels_last, SPATIAL0=kinds[0], SPATIAL1=kinds[-1], TWO=two,
-                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+            _masked_fwd_kernel[tiles.grid](
+                x, flat[0], flat[-1], outs[0], outs[-1], tiles.rows, tiles.cols, tiles.channels, tiles.spatial,
+                CHANNELS_LAST=channels_last, SPATIAL0=kinds[0], SPATIAL1=kinds[-1], TWO=len(masks) == 2,
+                BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c, num_warps=_NUM_WARPS,
             )  # fmt: skip
         ctx.save_for_backward(*flat)
         ctx.kinds, ctx.fmt, ctx.meta = kinds, fmt, (x.shape, x.dtype, x.device)
@@ -279,16 +295,15 @@ class _MaskedBranches(torch.autograd.Function):
         channels_last = ctx.fmt == torch.channels_last
         gs = [None if g is None else g.contiguous(memory_format=ctx.fmt) for g in grads]
         dx = torch.empty(shape, dtype=dtype, device=device, memory_format=ctx.fmt)
-        rows, cols, c, hw, block_r, block_c = _geometry(shape, channels_last)
+        tiles = _tiling(shape, channels_last)
         dummy = next(g for g in gs if g is not None)
-        grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
         with on_device(dx):
-            _masked_bwd_kernel[grid](
+            _masked_bwd_kernel[tiles.grid](
                 gs[0] if gs[0] is not None else dummy, gs[-1] if gs[-1] is not None else dummy,
-                flat[0], flat[-1], dx, rows, cols, c, hw,
+                flat[0], flat[-1], dx, tiles.rows, tiles.cols, tiles.channels, tiles.spatial,
                 CHANNELS_LAST=channels_last, SPATIAL0=ctx.kinds[0], SPATIAL1=ctx.kinds[-1],
                 HAS_G0=gs[0] is not None, HAS_G1=len(gs) == 2 and gs[1] is not None,
-                BLOCK_R=block_r, BLOCK_C=block_c, num_warps=_NUM_WARPS,
+                BLOCK_R=tiles.block_r, BLOCK_C=tiles.block_c, num_warps=_NUM_WARPS,
             )  # fmt: skip
         return (dx, *none)
 
@@ -311,3 +326,15 @@ def masked_branches(x: Tensor, masks: Sequence[Tensor]) -> list[Tensor]:
         return [x * m.to(x.dtype) for m in masks]
     masks = [m.detach() for m in masks]
     return list(_MaskedBranches.apply(x, *masks))
+
+
+def topk_supported(scores: Tensor) -> bool:
+    """Whether `topk_mask` ranks ``scores`` (N, M) in one launch (M up to `MAX_RANK_ENTRIES`)."""
+    return (
+        HAS_TRITON
+        and scores.dim() == 2
+        and scores.shape[0] > 0
+        and 0 < scores.shape[1] <= MAX_RANK_ENTRIES
+        and has_kernel_dtype(scores)
+        and can_run(scores)
+    )

@@ -31,13 +31,13 @@ from torch.autograd.function import once_differentiable
 
 from ..functional import active_scales, channel_saliency, max_pool, maxpool_pyramid, spatial_saliency
 from . import HAS_TRITON, can_run, on_device
+from ._common import has_kernel_dtype
 
 __all__ = ["teacher_saliency_pyramid", "max_pool_pyramid_student"]
 
 _SLOTS = 4  # scales fused in one launch
 _MAX_LCM = 32  # largest region unit (lcm of the scales of one launch)
 _BLOCK_ELEMS = 4096  # channels x region pixels held by one program
-_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 if HAS_TRITON:
     import triton
@@ -307,10 +307,6 @@ if HAS_TRITON:
         tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=ok)
 
 
-def _pow2(v: int) -> int:
-    return 1 << max(0, int(v) - 1).bit_length()
-
-
 def _is_channels_last(x: Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -327,7 +323,7 @@ def _groups(scales: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def _use_kernels(x: Tensor) -> bool:
-    return x.dtype in _KERNEL_DTYPES and x.numel() > 0 and can_run(x)
+    return has_kernel_dtype(x) and x.numel() > 0 and can_run(x)
 
 
 def _pool_launch(
@@ -338,16 +334,17 @@ def _pool_launch(
     pooled (N, C, hs, ws) in x's dtype (None for s = 1); argmax (N, C, hs, ws) int8/int32 offsets (or None);
     sp_partial (N, n_cb, hs, ws) and ch_partial (N, n_tiles, C) float32 (or None).
     """
+    np2 = triton.next_power_of_2
     n, c, h, w = x.shape
     unit = math.lcm(*group)
     cl = _is_channels_last(x)
     side = tile if tile is not None else (8 if cl else 16)
-    cells_h = min(_pow2(max(1, side // unit)), _pow2(-(-h // unit)))
-    cells_w = min(_pow2(max(1, side // unit)), _pow2(-(-w // unit)))
+    cells_h = min(np2(max(1, side // unit)), np2(-(-h // unit)))
+    cells_w = min(np2(max(1, side // unit)), np2(-(-w // unit)))
     rh, rw = cells_h * unit, cells_w * unit
     if block_c is None:
-        block_c = max(1, _BLOCK_ELEMS // (_pow2(rh) * _pow2(rw)))
-    bc = min(_pow2(block_c), _pow2(c))
+        block_c = max(1, _BLOCK_ELEMS // (np2(rh) * np2(rw)))
+    bc = min(np2(max(1, block_c)), np2(c))
     n_tiles_w = -(-w // rw)
     n_tiles = -(-h // rh) * n_tiles_w
     n_cb = -(-c // bc)
@@ -367,7 +364,7 @@ def _pool_launch(
             continue
         hs, ws = -(-h // s), -(-w // s)
         inv_hw[i] = 1.0 / (hs * ws)
-        consts[f"BH{i}"], consts[f"BW{i}"] = _pow2(rh // s), _pow2(rw // s)
+        consts[f"BH{i}"], consts[f"BW{i}"] = np2(rh // s), np2(rw // s)
         out = torch.empty((n, c, hs, ws), device=x.device, dtype=x.dtype, memory_format=fmt) if s > 1 else None
         idx_dtype = torch.int8 if s * s <= 127 else torch.int32
         idx = torch.empty((n, c, hs, ws), device=x.device, dtype=idx_dtype) if argmax else None
@@ -461,14 +458,15 @@ def _pool_backward(
     block_c: int | None,
 ) -> Tensor:
     """dX = g_one + sum over slots (s, argmax, g_s) of g_s routed to its windows' argmax: (N, C, H, W)."""
+    np2 = triton.next_power_of_2
     n, c, h, w = shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     dx = torch.empty(shape, device=device, dtype=dtype, memory_format=fmt)
-    side = _pow2(tile if tile is not None else (8 if channels_last else 16))
-    bh, bw = min(side, _pow2(h)), min(side, _pow2(w))
+    side = np2(max(1, tile if tile is not None else (8 if channels_last else 16)))
+    bh, bw = min(side, np2(h)), min(side, np2(w))
     if block_c is None:
         block_c = max(1, _BLOCK_ELEMS // (bh * bw))
-    bc = min(_pow2(block_c), _pow2(c))
+    bc = min(np2(max(1, block_c)), np2(c))
     n_tiles_w = -(-w // bw)
     grid = (-(-h // bh) * n_tiles_w, -(-c // bc), n)
     dummy = torch.empty(1, device=device, dtype=torch.float32)
@@ -573,3 +571,8 @@ def max_pool_pyramid_student(
             launch = _pool_launch(x, group, stats=False, argmax=False, tile=tile, block_c=block_c)
             by_scale.update((s, out) for s, (out, _, _, _) in zip(group, launch))
     return [(s, by_scale[s]) for s in act]
+
+
+def supported(x: Tensor) -> bool:
+    """Whether the pyramid kernels take ``x`` (float32/float16/bfloat16, not empty, a device triton runs on)."""
+    return _use_kernels(x)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from .._backend import check_backend, use_triton
+from .. import ops
+from .._backend import check_backend
 from .._validation import (
     check_channels,
     check_choice,
@@ -22,14 +24,9 @@ from ..functional import (
     MASK_MODES,
     active_scales,
     attention_from_saliency,
-    fuse_reconstructions,
     mask_from_saliency,
-    max_pool,
-    reconstruction_error,
-    teacher_pyramid,
-    topk_mask,
 )
-from ..functional._dtypes import acc_dtype
+from ..functional._dtypes import accumulation_dtype
 from ._base import DistillationLoss
 from ._common import (
     FeatureGenerator,
@@ -180,14 +177,9 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         """Validate one level and return ``align(S)`` at the teacher's size: (N, Ct, H, W)."""
         return align_student(self, s_feat, t_feat, level)
 
-    def _masks(
-        self, sp_sal: Tensor, ch_sal: Tensor, generator: torch.Generator | None, fused: bool = False
-    ) -> dict[str, Tensor]:
-        """Each branch's mask from the pooled teacher's saliencies (no gradient). ``fused``: the
-        top-k selection in one Triton launch (`famkd_losses.kernels.masking.topk_mask`)."""
-        topk = topk_mask
-        if fused:
-            from ..kernels.masking import topk_mask as topk
+    def _masks(self, sp_sal: Tensor, ch_sal: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
+        """Each branch's mask from the pooled teacher's saliencies (no gradient)."""
+        topk = functools.partial(ops.topk_mask, backend=self.backend)
         masks = {}
         for b in self.branches:
             sal, ratio = (sp_sal, self.ratio_sp) if b == "spatial" else (ch_sal, self.ratio_ch)
@@ -207,43 +199,24 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         generator = self._random.next(x.device) if random else None
         total: Tensor | None = None  # the first term itself: no zero to add (one launch less)
         terms: dict[int, Tensor] = {}
-        fused = use_triton(self.backend, x, t_feat)
-        if fused:
-            # one read of T for every scale's pooled map and saliencies; one of X for its pyramid
-            from ..kernels.teacher_stats import max_pool_pyramid_student, teacher_saliency_pyramid
-
-            teacher = [stats[1:] for stats in teacher_saliency_pyramid(t_feat, used)]
-            student = [x_s for _, x_s in max_pool_pyramid_student(x, used)]
-        else:
-            teacher = teacher_pyramid(t_feat, used)  # [(t_s, mean_c|t_s|, mean_hw|t_s|)]
-            student = [max_pool(x, s) for s in used]
+        backend = self.backend
+        teacher = ops.teacher_pyramid(t_feat, used, backend=backend)  # [(t_s, mean_c|t_s|, mean_hw|t_s|)]
+        student = [x_s for _, x_s in ops.maxpool_pyramid(x, used, backend=backend)]
         for s, (t_s, sp_sal, ch_sal), x_s in zip(used, teacher, student):
             i = self.scales.index(s)
-            masks = self._masks(sp_sal, ch_sal, generator, fused)
+            masks = self._masks(sp_sal, ch_sal, generator)
             gens = [self._generator(b, i) for b in self.branches]
-            x_ins = [to_module_dtype(x_s, gen) for gen in gens]
-            if fused and all(x_in is x_s for x_in in x_ins):
-                # every branch's masked input from one read of x_s, and one backward pass
-                from ..kernels.masking import masked_branches
-
-                masked = masked_branches(x_s, [masks[b] for b in self.branches])
-            else:
-                masked = [x_in * masks[b].to(x_in.dtype) for x_in, b in zip(x_ins, self.branches)]
-            recons = [gen(m) for gen, m in zip(gens, masked)]
-            theta = None if self.fusion_logits is None else self.fusion_logits[i]
+            # X M_b for every branch from one read of X (a 0/1 mask: casting after it is exact)
+            masked = ops.masked_inputs(x_s, [masks[b] for b in self.branches], backend=backend)
+            recons = [gen(to_module_dtype(m, gen)) for gen, m in zip(gens, masked)]
             a_sp = a_ch = None
             if self.weighting == "attention":
                 a_sp, a_ch = attention_from_saliency(sp_sal, self.tau), attention_from_saliency(ch_sal, self.tau)
-            weight_i = self.alpha * self.scale_weights[i]
-            if fused:
-                # branch fusion, error, attention weighting, reduction and the weight in one pass each way
-                from ..kernels.reconstruction import fused_reconstruction_error
-
-                logits, row = (None, None) if theta is None else (self.fusion_logits, i)
-                term = fused_reconstruction_error(recons, logits, t_s, a_sp, a_ch, scale=weight_i, row=row)
-            else:
-                weight = None if a_sp is None else a_sp * a_ch
-                term = weight_i * reconstruction_error(fuse_reconstructions(recons, theta), t_s, weight)
+            row = None if self.fusion_logits is None else i
+            term = ops.reconstruction_error(
+                recons, self.fusion_logits, t_s, a_sp, a_ch, scale=self.alpha * self.scale_weights[i], row=row,
+                backend=backend,
+            )  # fmt: skip
             terms[s] = term
             total = term if total is None else total + term
         if not terms:
@@ -257,8 +230,8 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             # The teacher was only seen through max-pooling (which drops a -inf) or not at all
             # (every scale larger than the map): keep NaN/Inf in it visible in the loss, and
             # stay attached to the student's graph.
-            acc = acc_dtype(x.dtype)
-            keep = 0.0 * (t_feat.sum(dtype=acc) + x.sum(dtype=acc))
+            dtype = accumulation_dtype(x.dtype)
+            keep = 0.0 * (t_feat.sum(dtype=dtype) + x.sum(dtype=dtype))
             total = keep if total is None else total + keep
         assert total is not None
         for p in self._unused_parameters(used):

@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._backend import check_backend, use_triton
+from .. import ops
+from .._backend import check_backend
 from .._validation import (
     as_levels,
     check_channel_list,
@@ -202,24 +203,13 @@ class FGDLoss(DistillationLoss):
         if level is None or level == 0:  # the same boxes serve every level: read them once
             self._check_box_values(boxes)
 
-        fused = use_triton(self.backend, s, t)
-        if fused:
-            from ..kernels.reconstruction import fused_reconstruction_error
-            from ..kernels.teacher_stats import teacher_saliency_pyramid
-
-            ((_, _, sp_sal, ch_sal),) = teacher_saliency_pyramid(t, (1,))  # one read of T
-            a_sp_t, a_ch_t = attention_from_saliency(sp_sal, self.tau), attention_from_saliency(ch_sal, self.tau)
-        else:
-            a_sp_t, a_ch_t = spatial_attention(t, self.tau), channel_attention(t, self.tau)
+        ((_, sp_sal, ch_sal),) = ops.teacher_pyramid(t, (1,), backend=self.backend)  # one read of T
+        a_sp_t, a_ch_t = attention_from_saliency(sp_sal, self.tau), attention_from_saliency(ch_sal, self.tau)
         a_sp_s, a_ch_s = spatial_attention(s, self.tau), channel_attention(s, self.tau)
         fg, bg = box_masks(boxes, (h, w), img_size)
-        if fused:  # the attention-weighted squared error, fused: sum(M A_sp A_ch (S - T)^2) / N
-            fg_loss = fused_reconstruction_error([s], None, t, fg * a_sp_t, a_ch_t)
-            bg_loss = fused_reconstruction_error([s], None, t, bg * a_sp_t, a_ch_t)
-        else:
-            attn = a_sp_t * a_ch_t
-            fg_loss = squared_error_sum(s, t, fg * attn) / n
-            bg_loss = squared_error_sum(s, t, bg * attn) / n
+        # the attention-weighted squared errors sum(M A_sp A_ch (S - T)^2) / N inside and outside the boxes
+        fg_loss = ops.reconstruction_error([s], None, t, fg * a_sp_t, a_ch_t, backend=self.backend)
+        bg_loss = ops.reconstruction_error([s], None, t, bg * a_sp_t, a_ch_t, backend=self.backend)
         at_loss = ((a_ch_s - a_ch_t).abs().sum() + (a_sp_s - a_sp_t).abs().sum()) / n
         s_ctx = to_module_dtype(s, self.conv_mask_s)
         t_ctx = to_module_dtype(t, self.conv_mask_t)

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .._backend import check_backend, use_triton
+from .. import ops
+from .._backend import check_backend
 from .._validation import (
     as_levels,
     at_level,
@@ -30,9 +31,7 @@ from ..functional import (
     WEIGHT_MODES,
     feature_guidance,
     guidance_weights,
-    position_prob_diff,
     region_aware_guidance,
-    weighted_kl_sum,
 )
 from ._base import DistillationLoss
 
@@ -156,15 +155,12 @@ class MaskedLogitsLoss(DistillationLoss):
         logit_guide: Tensor | None = None,
     ) -> Tensor:
         """Guidance D of one level, (N, P) float32, detached. ``logit_guide``: the logit guidance
-        when a kernel has already computed it."""
+        ``position_prob_diff`` (needed when ``guidance="logit"``)."""
         where = at_level(level)
         n = s.shape[0]
         if self.guidance == "logit":
+            assert logit_guide is not None
             d = logit_guide
-            if d is None:
-                d = position_prob_diff(
-                    s.detach(), t, head=self.head, temperature=self.temperature, num_classes=self.num_classes
-                )
             if self.region_scales is not None:
                 if s.dim() != 4:
                     raise ValueError(
@@ -238,27 +234,22 @@ class MaskedLogitsLoss(DistillationLoss):
             elif s.shape[0] != n0:
                 raise ValueError(f"batch size{at_level(level)} is {s.shape[0]} but level 0 has {n0}")
             t = t.detach()
-            kl = logit_guide = None
-            if use_triton(self.backend, s, t):
-                from ..kernels import logits_kl
-
-                if logits_kl.supported(s, t, head=self.head, num_classes=self.num_classes):
-                    # one fused read of both logits: KL per position (differentiable) and |p - q|
-                    kl, logit_guide = logits_kl.position_kl_and_guidance(
-                        s, t, head=self.head, temperature=self.temperature, num_classes=self.num_classes
-                    )
+            kl, logit_guide = ops.position_kl_and_prob_diff(
+                s,
+                t,
+                head=self.head,
+                temperature=self.temperature,
+                num_classes=self.num_classes,
+                prob_diff=self.guidance == "logit",
+                backend=self.backend,
+            )
             d = self._guide(s, t, sf_list[i], tf_list[i], level, logit_guide)
             w = guidance_weights(d, self.weights, tau_w=self.tau_w, ratio=self.ratio_l)
-            if kl is None:
-                term = weighted_kl_sum(
-                    s, t, w, head=self.head, temperature=self.temperature, num_classes=self.num_classes
-                )
-            else:
-                term = (w * kl).sum()
-            if self.weights == "mask" and not (kl is not None and self.guidance == "logit"):
-                # A 0/1 mask only ranks D: keep a NaN/Inf in the guidance visible in the loss. (With
-                # the kernel's KL and logit guidance it already is: D is NaN only where a logit is,
-                # and then so is that position's KL, which the sum reads whatever its weight.)
+            term = (w * kl).sum()
+            if self.weights == "mask" and self.guidance != "logit":
+                # A 0/1 mask only ranks D: keep a NaN/Inf in the feature guidance visible in the loss.
+                # (A NaN in the logit guidance comes from a NaN logit, whose position's KL the sum
+                # reads whatever its weight.)
                 term = term + 0.0 * d.sum()
             terms.append(term)
             total = term if total is None else total + term

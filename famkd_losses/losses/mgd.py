@@ -7,7 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .._backend import check_backend, use_triton
+from .. import ops
+from .._backend import check_backend
 from .._validation import (
     as_levels,
     check_channel_list,
@@ -18,7 +19,7 @@ from .._validation import (
     check_ratio,
     plural,
 )
-from ..functional import bernoulli_mask, reconstruction_error
+from ..functional import bernoulli_mask
 from ._base import DistillationLoss
 from ._common import (
     FeatureGenerator,
@@ -136,11 +137,7 @@ class MGDLoss(DistillationLoss):
         m = self._draw(shape, x.device)
         x = to_module_dtype(x, self.generation)
         recon = self.generation(x * m.to(x.dtype))
-        if use_triton(self.backend, recon, t):
-            from ..kernels.reconstruction import fused_reconstruction_error
-
-            return fused_reconstruction_error([recon], None, t, scale=self.alpha)
-        return self.alpha * reconstruction_error(recon, t)
+        return ops.reconstruction_error([recon], None, t, scale=self.alpha, backend=self.backend)
 
     def forward(self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor]) -> Tensor:
         """One (N, C, H, W) pair, or sequences of levels for a multi-level loss -> float32 scalar."""

@@ -24,7 +24,8 @@ TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 KERNELS = {
     "_pyramid_fwd_kernel",
     "_pyramid_bwd_kernel",
-    "_recon_kernel",
+    "_recon_fwd_kernel",
+    "_recon_bwd_kernel",
     "_masked_fwd_kernel",
     "_masked_bwd_kernel",
     "_rank_mask_kernel",

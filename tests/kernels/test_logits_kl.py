@@ -34,7 +34,6 @@ from famkd_losses.kernels.logits_kl import (
     MAX_SOFTMAX_CLASSES,
     position_kl_and_guidance,
     supported,
-    weighted_kl_sum_triton,
 )
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -283,10 +282,12 @@ def test_teacher_gets_no_gradient(head):
 @pytest.mark.parametrize("head", HEADS)
 @pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
 def test_weighted_kl_sum(head, layout):
-    """Value and gradients (student and weights) of ``sum(W * kl)`` match ``functional.weighted_kl_sum``."""
+    """``sum(W * kl)`` from the kernel's kl, as the logits loss forms it: value and gradients
+    (student and weights) match ``functional.weighted_kl_sum``."""
     s, t = _make((2, 10, 3, 4), layout, seed=5)
     w = torch.rand(2, 12, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
-    out = weighted_kl_sum_triton(s, t, w, head=head, temperature=2.5, num_classes=5)
+    kl, _ = position_kl_and_guidance(s, t, head=head, temperature=2.5, num_classes=5)
+    out = (w * kl).sum()
     (SCALE * out).backward()
     s32, w32 = s.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
     ref = weighted_kl_sum(s32, t, w32, head=head, temperature=2.5, num_classes=5)

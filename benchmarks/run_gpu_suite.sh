@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The measurements for a lent GPU machine, in stages sized for the device tool (10 minutes a
-# command, 30 minutes a session). From the repository root, on the GPU machine:
+# The GPU suite (CUDA kernel tests, then the benchmarks) in timed stages, on any CUDA machine.
+# From the repository root:
 #
-#   bash benchmarks/gpu_session.sh SECONDS STAGE [STAGE ...]
+#   bash benchmarks/run_gpu_suite.sh SECONDS STAGE [STAGE ...]
 #
 # runs the stages in order within SECONDS in all (each is stopped with SIGINT when the time is
 # up, so pytest still writes what it measured; results.json is also rewritten after every row).
@@ -18,14 +18,17 @@
 #   defaults RetinaNet shapes, bf16: FAMKD with its own defaults, every provider
 #   rest     every other case and float32, without torch.compile (eager, triton, liger)
 #   compile  every other case and float32, torch.compile only (long: compiles per shape)
-# Suggested: (1) 580 check targets  (2) 580 logits defaults  (3) what is left: rest sanitize
-# Each stage leaves $OUT/<stage>.tar.gz (its results folder and log) and $OUT/<stage>.log.
-# Back here: benchmarks/collect_gpu_results.sh FILES_AT unpacks and merges them into
+# One command can run every stage, given SECONDS enough; in commands of under 10 minutes each:
+# (1) 580 check targets  (2) 580 logits defaults  (3) 500 rest sanitize  (4) 580 compile.
+# Each stage leaves <stage>.tar.gz (its results folder and log) and <stage>.log in $OUT
+# (default /tmp/famkd_out). Copy the tarballs to one folder on the machine that holds the
+# checkout, then benchmarks/collect_gpu_results.sh FOLDER merges them into
 # benchmarks/results/<device>/.
 #
-# Wheels for packages the machine lacks (liger-kernel) travel in .whl/ (carry it), see README.
+# Wheels in .whl/ are installed first (into /tmp/site, without the package index): that is how
+# liger-kernel reaches a machine that cannot install it; see benchmarks/README.md.
 set -uo pipefail
-total=${1:?usage: gpu_session.sh SECONDS STAGE [STAGE ...]}
+total=${1:?usage: run_gpu_suite.sh SECONDS STAGE [STAGE ...]}
 shift
 out=${OUT:-/tmp/famkd_out}
 mkdir -p "$out"
@@ -47,10 +50,10 @@ bench() {  # bench STAGE PYTEST-ARGS...
 
 for stage in "$@"; do
     if (( $(left) < 45 )); then
-        echo "[gpu_session] no time left for $stage" | tee -a "$out/$stage.log"
+        echo "[gpu-suite] no time left for $stage" | tee -a "$out/$stage.log"
         continue
     fi
-    echo "[gpu_session] $stage: $(left) s left" | tee "$out/$stage.log"
+    echo "[gpu-suite] $stage: $(left) s left" | tee "$out/$stage.log"
     mkdir -p "$out/$stage"
     case $stage in
         check)
@@ -70,7 +73,7 @@ for stage in "$@"; do
                     "$cs" --tool memcheck --report-api-errors no --error-exitcode 99 \
                     python3 -m pytest -q -p no:cacheprovider -x -k "not fuzz and not aot and not cuda_parity" \
                     tests/kernels/test_logits_kl.py tests/kernels/test_reconstruction.py tests/kernels/test_teacher_stats.py
-                echo "[gpu_session] compute-sanitizer exit code $?"
+                echo "[gpu-suite] compute-sanitizer exit code $?"
             } 2>&1 | tee -a "$out/$stage.log"
             ;;
         targets)
@@ -94,10 +97,10 @@ for stage in "$@"; do
                 | tee -a "$out/$stage.log"
             ;;
         *)
-            echo "[gpu_session] unknown stage $stage" | tee -a "$out/$stage.log"
+            echo "[gpu-suite] unknown stage $stage" | tee -a "$out/$stage.log"
             ;;
     esac
     tar -czf "$out/$stage.tar.gz" -C "$out" "$stage" "$stage.log"
     rm -rf "${out:?}/$stage"
-    echo "[gpu_session] $stage done, $(left) s left"
+    echo "[gpu-suite] $stage done, $(left) s left"
 done
