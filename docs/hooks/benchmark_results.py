@@ -33,5 +33,6 @@ def on_page_markdown(markdown, page, config, files):
     parts = []
     for path in summaries:
         device = path.parent.name
-        parts.append(f"### `{device}`\n\nFrom `benchmarks/results/{device}/summary.md`:\n\n{path.read_text().strip()}\n")
+        source = f"From `benchmarks/results/{device}/summary.md`:"
+        parts.append(f"### `{device}`\n\n{source}\n\n{path.read_text().strip()}\n")
     return markdown.replace(MARKER, "\n".join(parts))
