@@ -89,8 +89,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         default=None,
-        help="plateau: the runs of the main part, comma-separated (default student,famkd,mgd,fgd; fgd over the "
-        "first seed only); e.g. famkd_feature to add FAMKD's feature part over the seeds",
+        help="plateau: the runs of the main and length parts, comma-separated (default: main student,famkd,mgd,fgd "
+        "with fgd over the first seed only; length student,famkd,mgd); e.g. famkd_feature to add FAMKD's feature "
+        "part",
     )
     p.add_argument(
         "--resume",

@@ -49,7 +49,7 @@ from .models import STUDENT, TEACHER, BackboneConfig, num_parameters
 from .pipeline import DemoConfig, _Runner, default_cache_dir, tqdm_log
 from .report import plot_val_curves, write_json
 
-__all__ = ["PlateauConfig", "TeacherCache", "ABLATION", "DIAGNOSIS", "LENGTH", "plateau_gain", "run_plateau"]
+__all__ = ["PlateauConfig", "TeacherCache", "ABLATION", "DIAGNOSIS", "LENGTH", "MAIN", "plateau_gain", "run_plateau"]
 
 # FAMKD's two main choices, re-checked at the long schedule (val split, first seed).
 ABLATION: tuple[dict[str, Any], ...] = (
@@ -64,6 +64,8 @@ ABLATION: tuple[dict[str, Any], ...] = (
 DIAGNOSIS: tuple[tuple[str, bool], ...] = (("famkd", True), ("famkd_feature", False), ("famkd_logits", False))
 # The runs repeated at `length_factor` x the students' schedule (first seed); the plain student first.
 LENGTH: tuple[str, ...] = ("student", "famkd", "mgd")
+# The main part's runs over the seeds (FGD over the first `PlateauConfig.fgd_seeds` only).
+MAIN: tuple[str, ...] = ("student", "famkd", "mgd", "fgd")
 # What must match for an earlier results.json's runs to be reused (`PlateauConfig.resume`).
 _RESUME_KEYS = (
     "quick",
@@ -100,12 +102,12 @@ class PlateauConfig:
     warmup: int = 50
     kd_fraction: float = 1.0
     plateau_tol: float = 0.5  # AP gained over the last quarter that still counts as a plateau
-    main: bool = True  # `methods` over the seeds (FGD over the first `fgd_seeds`)
-    methods: tuple[str, ...] = ("student", "famkd", "mgd", "fgd")
+    main: bool = True  # `MAIN` (or `methods`) over the seeds, FGD over the first `fgd_seeds`
+    methods: tuple[str, ...] | None = None  # the runs of the main and length parts instead of `MAIN`, `LENGTH`
     ablation: bool = True
     ablation_variants: int | None = None  # the first this many of `ABLATION` (None: all)
     diagnosis: bool = False  # the `DIAGNOSIS` runs (first seed)
-    length: bool = False  # the `LENGTH` runs at `length_factor` x `student_iters` (first seed)
+    length: bool = False  # `LENGTH` (or `methods`) at `length_factor` x `student_iters` (first seed)
     length_factor: int = 2
     resume: bool = False  # reuse the finished runs of ``out/results.json``
     teacher: BackboneConfig = TEACHER
@@ -277,7 +279,8 @@ def summarise(cfg: PlateauConfig, state: dict) -> dict:
         ]
 
     # the main runs of the first seed: what the diagnosis and the longer runs are read against
-    reference = [e for e in entries("main") if e["seed"] == cfg.seed and e["key"] in LENGTH]
+    longer = {e["key"] for e in entries("length")}
+    reference = [e for e in entries("main") if e["seed"] == cfg.seed and e["key"] in (longer or LENGTH)]
     return {
         "rows": rows,
         "paired": paired,
@@ -489,13 +492,14 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     n = cfg.student_iters
     plan: list[tuple] = []  # (key, seed, role, options, kd_decay, iterations)
     for i, seed in enumerate(cfg.seed + k for k in range(cfg.seeds) if cfg.main):
-        plan += [(key, seed, "main", None, False, n) for key in cfg.methods if key != "fgd" or i < cfg.fgd_seeds]
+        main = cfg.methods or MAIN
+        plan += [(key, seed, "main", None, False, n) for key in main if key != "fgd" or i < cfg.fgd_seeds]
     if cfg.ablation:
         plan += [("famkd", cfg.seed, "ablation", change, False, n) for change in ABLATION[: cfg.ablation_variants]]
     if cfg.diagnosis:
         plan += [(key, cfg.seed, "diagnosis", None, decay, n) for key, decay in DIAGNOSIS]
     if cfg.length:
-        plan += [(key, cfg.seed, "length", None, False, n * cfg.length_factor) for key in LENGTH]
+        plan += [(key, cfg.seed, "length", None, False, n * cfg.length_factor) for key in cfg.methods or LENGTH]
     earlier, earlier_wall = _earlier_runs(cfg, state) if cfg.resume else ([], 0.0)
     done = _reuse(plan, earlier)
     if earlier:
