@@ -18,7 +18,7 @@ from .losses import (
     PKDLoss,
     ScaleAwareMaskedFeatureLoss,
 )
-from .losses.famkd import FULL_METHOD
+from .losses.presets import FULL_METHOD
 
 __version__ = "0.1.0"
 

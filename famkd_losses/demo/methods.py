@@ -20,7 +20,6 @@ initialisation does not depend on the weights).
 from __future__ import annotations
 
 import copy
-import inspect
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,12 +30,13 @@ from torch import Tensor, nn
 from .. import FAMKDLoss, FGDLoss, MaskedLogitsLoss, MGDLoss
 from ..calibration import calibrate_weights
 from ..integrations._outputs import DetectorOutputs, distillation_loss
+from ..losses import presets
 
 __all__ = ["METHODS", "FAMKD_DEFAULTS", "MethodSpec", "Distiller", "build_distiller"]
 
 # FAMKDLoss options the demo exposes (the ablation varies them); everything else is the package default.
 FAMKD_DEFAULTS: dict[str, Any] = {
-    name: inspect.signature(FAMKDLoss.__init__).parameters[name].default
+    name: presets.FAMKD_DEFAULTS[name]
     for name in ("scales", "mask_mode", "ratio_sp", "ratio_ch", "branches", "guidance", "weights")
 }  # the library's defaults, which the ablation set
 _FEATURE_KEYS = ("scales", "mask_mode", "ratio_sp", "ratio_ch", "branches")

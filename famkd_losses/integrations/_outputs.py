@@ -2,19 +2,19 @@
 
 Every integration turns its codebase's tensors into a `DetectorOutputs` for the student and
 one for the teacher; `distillation_loss` then calls whichever loss module the user chose with
-the arguments that loss takes, so switching FAMKD for MGD, FGD, PKD, CWD or KD is one line.
+the inputs that loss declares it takes, so switching FAMKD for MGD, FGD, PKD, CWD or KD is one line.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import Tensor, nn
 
-from ..losses import FAMKDLoss, FGDLoss, KDLoss, MaskedLogitsLoss
-from ..losses._base import DistillationLoss
+from ..losses._base import INPUT_KINDS
 
-__all__ = ["DetectorOutputs", "distillation_loss"]
+__all__ = ["ARGUMENTS", "DetectorOutputs", "distillation_loss"]
 
 
 @dataclass
@@ -36,28 +36,37 @@ class DetectorOutputs:
     boxes: list[Tensor]
 
 
+# each kind of input (`INPUT_KINDS`) as the arguments a loss's forward takes for it
+ARGUMENTS: dict[str, Callable[[DetectorOutputs, DetectorOutputs], tuple]] = {
+    "features": lambda student, teacher: (student.features, teacher.features),
+    "logits": lambda student, teacher: (student.cls_logits, teacher.cls_logits),
+    "boxes": lambda student, teacher: (teacher.boxes, teacher.image_size),
+}
+
+
 def distillation_loss(
     loss: nn.Module, student: DetectorOutputs, teacher: DetectorOutputs, *, logits: bool = True
 ) -> Tensor:
-    """Call ``loss`` (any loss module of this package) with the inputs it takes.
+    """Call ``loss`` with the inputs its class declares it takes: its ``inputs``, kinds of
+    `INPUT_KINDS` in the order of its ``forward`` (the logits left out when ``logits=False`` and
+    they are among its ``optional_inputs``).
 
     - `FAMKDLoss`: features, and the class logits unless ``logits=False`` (feature part only);
     - `MaskedLogitsLoss`, `KDLoss`: the class logits;
     - `FGDLoss`: features, the teacher's boxes and the input size;
-    - every other loss (`MGDLoss`, `PKDLoss`, `CWDLoss`, ...): the features.
+    - `MGDLoss`, `PKDLoss`, `CWDLoss`: the features.
 
     Returns the loss's float32 scalar (already multiplied by its own weights).
     """
-    if isinstance(loss, FAMKDLoss):
-        if logits:
-            return loss(student.features, teacher.features, student.cls_logits, teacher.cls_logits)
-        return loss(student.features, teacher.features)
-    if isinstance(loss, (MaskedLogitsLoss, KDLoss)):
-        return loss(student.cls_logits, teacher.cls_logits)
-    if isinstance(loss, FGDLoss):
-        return loss(student.features, teacher.features, teacher.boxes, teacher.image_size)
-    if isinstance(loss, DistillationLoss):
-        return loss(student.features, teacher.features)
-    raise TypeError(
-        f"loss must be one of famkd_losses' loss modules (FAMKDLoss, MGDLoss, FGDLoss, ...); got {type(loss).__name__}"
-    )
+    kinds = getattr(loss, "inputs", None)
+    if kinds is None:
+        raise TypeError(
+            "loss must be one of famkd_losses' loss modules (FAMKDLoss, MGDLoss, FGDLoss, ...), or a module whose "
+            f"class declares the inputs its forward takes (inputs = ('features',), ...); got {type(loss).__name__}"
+        )
+    unknown = [k for k in kinds if k not in ARGUMENTS]
+    if unknown:
+        raise ValueError(f"{type(loss).__name__}.inputs names {unknown}; the kinds are {INPUT_KINDS}")
+    if not logits:
+        kinds = [k for k in kinds if not (k == "logits" and k in getattr(loss, "optional_inputs", ()))]
+    return loss(*(arg for kind in kinds for arg in ARGUMENTS[kind](student, teacher)))

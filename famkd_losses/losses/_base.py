@@ -1,24 +1,40 @@
-"""The base every loss shares: the parts of the last call, for logging."""
+"""The base every loss shares: what its forward takes, and the parts of its last call, for logging."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ._common import MASK_STEP
 
-__all__ = ["DistillationLoss"]
+__all__ = ["INPUT_KINDS", "DistillationLoss", "Term", "prefixed_terms"]
+
+INPUT_KINDS = ("features", "logits", "boxes")
+"""What a loss's ``forward`` can take: ``"features"`` (student and teacher feature levels),
+``"logits"`` (student and teacher class logits), ``"boxes"`` (the teacher's boxes and the input size)."""
+
+Term = Tensor | Callable[[], Tensor]
+"""A recorded part: a detached tensor, or a zero-argument function of detached tensors computed on
+first read (for parts that only logging needs: no launch in the training step)."""
 
 
 class DistillationLoss(nn.Module):
-    """An ``nn.Module`` loss that remembers the parts of its last call (see `last_terms`)."""
+    """An ``nn.Module`` loss that remembers the parts of its last call (see `last_terms`).
+
+    A loss class declares `inputs`, what its ``forward`` takes in order (kinds of `INPUT_KINDS`;
+    features unless it says otherwise), and `optional_inputs`, the trailing ones it can go
+    without. The integrations call a loss with what it declares.
+    """
+
+    inputs: ClassVar[tuple[str, ...]] = ("features",)
+    optional_inputs: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self) -> None:
         super().__init__()
-        self._last_terms: dict[str, Tensor] = {}
+        self._last_terms: dict[str, Term] = {}
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         # backend="compile": the whole forward under torch.compile, compiled on the first call
@@ -74,15 +90,19 @@ class DistillationLoss(nn.Module):
         elif given and key in unexpected_keys:
             unexpected_keys.remove(key)
 
-    def _record(self, terms: dict[str, Tensor | Callable[[], Tensor]]) -> None:
-        """Keep this call's parts for `last_terms`: tensors (detached), or zero-argument functions
-        of detached tensors for parts that only logging needs (computed on first read: no launch
-        in the training step)."""
+    def _record(self, terms: dict[str, Term]) -> None:
+        """Keep this call's parts for `last_terms`: tensors (detached) or lazy parts (see `Term`)."""
         self._last_terms = {k: v.detach() if isinstance(v, Tensor) else v for k, v in terms.items()}
 
-    def _recorded(self) -> dict[str, Tensor | Callable[[], Tensor]]:
+    def _recorded(self) -> dict[str, Term]:
         """The recorded parts as kept (lazy ones not computed): for a parent loss to pass on."""
         return dict(self._last_terms)
+
+    def _forward_child(self, child: DistillationLoss, *args: Any, **kwargs: Any) -> Any:
+        """``child(*args, **kwargs)``, its parts of the call recorded as this loss's own."""
+        out = child(*args, **kwargs)
+        self._record(child._recorded())
+        return out
 
     def last_terms(self, as_float: bool = False) -> dict[str, Tensor] | dict[str, float]:
         """The parts of the last call: detached scalars keyed by name, ``"total"`` always present.
@@ -99,3 +119,15 @@ class DistillationLoss(nn.Module):
         if as_float:
             return {k: float(v) for k, v in self._last_terms.items()}
         return dict(self._last_terms)
+
+
+def prefixed_terms(prefix: str, loss: DistillationLoss, *, with_total: bool = True) -> dict[str, Term]:
+    """``loss``'s recorded parts under ``prefix``: its ``"total"`` as ``prefix`` (left out unless
+    ``with_total``), every other part ``p`` as ``prefix/p``; lazy parts stay lazy."""
+    terms: dict[str, Term] = {}
+    for key, value in loss._recorded().items():
+        if key != "total":
+            terms[f"{prefix}/{key}"] = value
+        elif with_total:
+            terms[prefix] = value
+    return terms

@@ -7,10 +7,11 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from .._backend import check_backend
-from .._validation import as_levels, check_level_device, check_non_negative, check_pair, check_positive
+from .._validation import check_non_negative, check_pair, check_positive
 from ..functional import channel_wise_divergence
 from ._base import DistillationLoss
 from ._common import NO_ALIGN_HINT
+from ._levels import Levels, level_terms, sum_terms
 
 __all__ = ["CWDLoss"]
 
@@ -29,6 +30,8 @@ class CWDLoss(DistillationLoss):
         backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"``.
     """
 
+    inputs = ("features",)
+
     def __init__(self, *, tau: float = 1.0, loss_weight: float = 1.0, backend: str = "auto") -> None:
         super().__init__()
         self.tau = check_positive("tau", tau)
@@ -37,18 +40,12 @@ class CWDLoss(DistillationLoss):
 
     def forward(self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor]) -> Tensor:
         """float32 scalar."""
-        s_list, t_list, single = as_levels("s_feats", s_feats, "t_feats", t_feats)
-        total = None
-        terms: dict[str, Tensor] = {}
-        for i, (s, t) in enumerate(zip(s_list, t_list)):
-            check_pair(
-                "student feature", s, "teacher feature", t, level=None if single else i, channels_hint=NO_ALIGN_HINT
-            )
-            check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
-            v = channel_wise_divergence(s, t.detach(), self.tau)
-            total = v if total is None else total + v
-            terms[f"level{i}"] = self.loss_weight * v
-        assert total is not None
-        loss = self.loss_weight * total
-        self._record({"total": loss, **terms})
+        values = Levels.split("s_feats", s_feats, "t_feats", t_feats).map(self._level)
+        loss = self.loss_weight * sum_terms(values)
+        self._record({"total": loss, **level_terms(self.loss_weight * v for v in values)})
         return loss
+
+    def _level(self, s: Tensor, t: Tensor, *, level: int | None) -> Tensor:
+        """One level's ``tau^2 / (N*C) * sum KL`` (before ``loss_weight``)."""
+        check_pair("student feature", s, "teacher feature", t, level=level, channels_hint=NO_ALIGN_HINT)
+        return channel_wise_divergence(s, t.detach(), self.tau)

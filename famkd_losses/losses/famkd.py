@@ -5,28 +5,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .._backend import check_backend
-from .._validation import as_levels, check_channel_list, check_level_device, check_seed, plural
+from .._validation import as_levels, check_level_device, check_seed, plural
 from ..functional import fusion_weights
-from ._base import DistillationLoss
+from ._base import DistillationLoss, prefixed_terms
+from ._levels import LevelLosses, channel_pairs
 from .feature import ScaleAwareMaskedFeatureLoss
 from .logits import MaskedLogitsLoss
+from .presets import FAMKD_DEFAULTS as DEFAULTS
+from .presets import FEATURE_DEFAULTS, FULL_METHOD, LOGITS_DEFAULTS
 
 __all__ = ["FULL_METHOD", "FAMKDLoss"]
-
-# The method's full reading (method.md): the defaults of the part modules
-# (`ScaleAwareMaskedFeatureLoss`, `MaskedLogitsLoss`). FAMKDLoss's own defaults differ where the
-# demo's ablation (validation split) chose otherwise: ``FAMKDLoss(..., **FULL_METHOD)`` restores these.
-FULL_METHOD: dict[str, object] = {
-    "scales": (1, 2, 4),
-    "mask_mode": "topk",
-    "ratio_sp": 0.65,
-    "ratio_ch": 0.5,
-    "branches": ("spatial", "channel"),
-    "weights": "soft",
-}
 
 
 class FAMKDLoss(DistillationLoss):
@@ -41,7 +32,7 @@ class FAMKDLoss(DistillationLoss):
     ``mask_mode="topk_nonsalient"``, ``ratio_sp=0.5``, ``ratio_ch=0.25``,
     ``branches=("channel",)`` and ``weights="mask"``. ``FAMKDLoss(..., **FULL_METHOD)``
     restores the first reading: the multi-scale, dual-branch method with salient top-k masks
-    and soft logits weights.
+    and soft logits weights. (Both settings are written once, in `famkd_losses.losses.presets`.)
 
     Args:
         student_channels: Cs per level, e.g. ``[128] * 5`` (an int: one level). A 1x1 align
@@ -111,78 +102,55 @@ class FAMKDLoss(DistillationLoss):
     ``"logits"`` and ``"logits/level{l}"``.
     """
 
+    inputs = ("features", "logits")
+    optional_inputs = ("logits",)
+
     def __init__(
         self,
         student_channels: Sequence[int] | int,
         teacher_channels: Sequence[int] | int,
         *,
-        scales: Sequence[int] = (1,),
-        mask_mode: str = "topk_nonsalient",
-        ratio_sp: float = 0.5,
-        ratio_ch: float = 0.25,
-        tau: float = 0.5,
-        branches: Sequence[str] | str = ("channel",),
-        weighting: str = "none",
-        scale_weights: Sequence[float] | None = None,
-        alpha: float = 2e-5,
-        share_generators: bool = True,
-        resize_student: bool = False,
-        seed: int | None = None,
-        head: str = "sigmoid",
-        temperature: float = 1.0,
-        guidance: str = "logit",
-        region_scales: Sequence[int] | None = None,
-        weights: str = "mask",
-        tau_w: float = 0.1,
-        ratio_l: float = 0.5,
-        beta: float = 1.0,
-        num_classes: int | None = None,
+        scales: Sequence[int] = DEFAULTS["scales"],
+        mask_mode: str = DEFAULTS["mask_mode"],
+        ratio_sp: float = DEFAULTS["ratio_sp"],
+        ratio_ch: float = DEFAULTS["ratio_ch"],
+        tau: float = DEFAULTS["tau"],
+        branches: Sequence[str] | str = DEFAULTS["branches"],
+        weighting: str = DEFAULTS["weighting"],
+        scale_weights: Sequence[float] | None = DEFAULTS["scale_weights"],
+        alpha: float = DEFAULTS["alpha"],
+        share_generators: bool = DEFAULTS["share_generators"],
+        resize_student: bool = DEFAULTS["resize_student"],
+        seed: int | None = DEFAULTS["seed"],
+        head: str = DEFAULTS["head"],
+        temperature: float = DEFAULTS["temperature"],
+        guidance: str = DEFAULTS["guidance"],
+        region_scales: Sequence[int] | None = DEFAULTS["region_scales"],
+        weights: str = DEFAULTS["weights"],
+        tau_w: float = DEFAULTS["tau_w"],
+        ratio_l: float = DEFAULTS["ratio_l"],
+        beta: float = DEFAULTS["beta"],
+        num_classes: int | None = DEFAULTS["num_classes"],
         backend: str = "auto",
     ) -> None:
+        options = {name: value for name, value in locals().items() if name in DEFAULTS}  # the options as given
         super().__init__()
         if isinstance(student_channels, int) and isinstance(teacher_channels, int):
             student_channels, teacher_channels = [student_channels], [teacher_channels]  # one level
-        s_ch = check_channel_list("student_channels", student_channels)
-        t_ch = check_channel_list("teacher_channels", teacher_channels)
-        if len(s_ch) != len(t_ch):
-            raise ValueError(
-                f"student_channels and teacher_channels must name the same number of levels, got "
-                f"{len(s_ch)} ({s_ch}) and {len(t_ch)} ({t_ch})"
-            )
+        channels = channel_pairs(student_channels, teacher_channels)
         self.backend = check_backend(backend)
         check_seed("seed", seed)
-        self.feature_losses = nn.ModuleList(
-            ScaleAwareMaskedFeatureLoss(
-                cs,
-                ct,
-                scales=scales,
-                mask_mode=mask_mode,
-                ratio_sp=ratio_sp,
-                ratio_ch=ratio_ch,
-                tau=tau,
-                branches=branches,
-                weighting=weighting,
-                scale_weights=scale_weights,
-                alpha=alpha,
-                share_generators=share_generators,
-                resize_student=resize_student,
-                seed=None if seed is None else seed + level,
-                backend=backend,
-            )
-            for level, (cs, ct) in enumerate(zip(s_ch, t_ch))
+        feature_options = {name: options[name] for name in FEATURE_DEFAULTS if name != "seed"}
+        self.feature_losses = LevelLosses(
+            (
+                ScaleAwareMaskedFeatureLoss(
+                    cs, ct, **feature_options, seed=None if seed is None else seed + level, backend=backend
+                )
+                for level, (cs, ct) in enumerate(channels)
+            ),
+            same_batch=True,
         )
-        self.logits_loss = MaskedLogitsLoss(
-            head=head,
-            temperature=temperature,
-            guidance=guidance,
-            region_scales=region_scales,
-            weights=weights,
-            tau_w=tau_w,
-            ratio_l=ratio_l,
-            beta=beta,
-            num_classes=num_classes,
-            backend=backend,
-        )
+        self.logits_loss = MaskedLogitsLoss(**{name: options[name] for name in LOGITS_DEFAULTS}, backend=backend)
 
     @property
     def num_levels(self) -> int:
@@ -196,63 +164,36 @@ class FAMKDLoss(DistillationLoss):
         t_logits: Tensor | Sequence[Tensor] | None = None,
     ) -> Tensor:
         """Features (and optionally logits) of every level -> float32 scalar."""
-        s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
-        if len(s_list) != self.num_levels:
-            raise ValueError(
-                f"s_feats has {plural(len(s_list), 'level')} but this loss was built for {self.num_levels} "
-                f"(student_channels has {plural(self.num_levels, 'entry', 'entries')})"
-            )
         if (s_logits is None) != (t_logits is None):
             raise ValueError(
                 "pass both s_logits and t_logits, or neither (feature-only distillation); got "
                 f"s_logits={'None' if s_logits is None else 'a value'}, "
                 f"t_logits={'None' if t_logits is None else 'a value'}"
             )
-        terms: dict[str, Tensor] = {}
-        aligned = []
-        feature_total = None
-        n0 = None
-        for level, (loss_l, s, t) in enumerate(zip(self.feature_losses, s_list, t_list)):
-            x = loss_l.aligned_student(s, t, level)
-            check_level_device("s_feats", s, level, s_list[0], "s_feats at level 0")
-            if n0 is None:
-                n0 = x.shape[0]
-            elif x.shape[0] != n0:
-                raise ValueError(f"batch size at level {level} is {x.shape[0]} but level 0 has {n0}")
-            value, scale_terms = loss_l.reconstruction_loss(x, t)
-            loss_l._record({"total": value, **{f"scale{k}": v for k, v in scale_terms.items()}})
-            aligned.append(x)
-            for s_, v in scale_terms.items():
-                terms[f"feature/level{level}/scale{s_}"] = v.detach()
-            terms[f"feature/level{level}"] = value.detach()
-            feature_total = value if feature_total is None else feature_total + value
-        assert feature_total is not None
-        total = feature_total
-        terms["feature"] = feature_total.detach()
+        s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
+        feature, aligned = self.feature_losses(s_list, t_list, return_aligned=True)
+        terms = prefixed_terms("feature", self.feature_losses)
+        total = feature
         if s_logits is not None and t_logits is not None:
-            self._check_logits_match_features(s_logits, t_logits, t_list, n0)
-            # the student's logits on the features' device (the logits loss compares the rest)
-            for i, z in enumerate([s_logits] if isinstance(s_logits, Tensor) else s_logits):
-                check_level_device("s_logits", z, i, s_list[0], "s_feats at level 0")
-            if self.logits_loss.guidance == "feature":
-                logits_value = self.logits_loss(s_logits, t_logits, [a.detach() for a in aligned], t_list)
+            self._check_logits_match_features(s_logits, t_logits, s_list, t_list)
+            if self.logits_loss.guidance == "feature":  # D from T_l and align(S_l), detached
+                logits = self.logits_loss(s_logits, t_logits, aligned, t_list)
             else:
-                logits_value = self.logits_loss(s_logits, t_logits)
-            for key, v in self.logits_loss._recorded().items():  # lazy parts stay lazy
-                if key != "total":
-                    terms[f"logits/{key}"] = v
-            terms["logits"] = logits_value.detach()
-            total = total + logits_value
-        terms["total"] = total
-        self._record(terms)
+                logits = self.logits_loss(s_logits, t_logits)
+            terms.update(prefixed_terms("logits", self.logits_loss))
+            total = feature + logits
+        self._record({**terms, "total": total})
         return total
 
-    def _check_logits_match_features(self, s_logits: object, t_logits: object, t_list: list[Tensor], n: int) -> None:
+    def _check_logits_match_features(
+        self, s_logits: object, t_logits: object, s_list: list[Tensor], t_list: list[Tensor]
+    ) -> None:
         """Logits that can belong to these features: one logits level per feature level, each on
-        that level's grid (dense ``(N, A*K, H_l, W_l)``, or flattened ``(N, A*H_l*W_l, K)``) and
-        batch. Metadata only; what is not a non-empty 3-D/4-D tensor is left to the logits loss's
-        checks."""
+        that level's grid (dense ``(N, A*K, H_l, W_l)``, or flattened ``(N, A*H_l*W_l, K)``),
+        batch and device. Metadata only; what is not a non-empty 3-D/4-D tensor is left to the
+        logits loss's checks."""
         zs, _, _ = as_levels("s_logits", s_logits, "t_logits", t_logits)
+        n = s_list[0].shape[0]
         if len(zs) != self.num_levels:
             raise ValueError(
                 f"s_logits has {plural(len(zs), 'level')} but the features have {plural(self.num_levels, 'level')}; "
@@ -279,6 +220,8 @@ class FAMKDLoss(DistillationLoss):
                     f"the {hw[0]}x{hw[1]} = {plural(hw[0] * hw[1], 'position')} of the features at level {level} "
                     f"(logits {tuple(z.shape)}); flattened logits hold A anchors per feature cell"
                 )
+        for level, z in enumerate(zs):  # the student's logits on the features' device
+            check_level_device("s_logits", z, level, s_list[0], "s_feats at level 0")
 
     @torch.no_grad()
     def fusion_weights(self) -> list[Tensor]:

@@ -36,6 +36,8 @@ from ._common import (
     register_mask_step,
     to_module_dtype,
 )
+from ._levels import sum_terms
+from .presets import FEATURE_DEFAULTS as DEFAULTS
 
 __all__ = ["ScaleAwareMaskedFeatureLoss", "BRANCHES", "WEIGHTINGS"]
 
@@ -92,23 +94,25 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
     (it is never masked out), so a broken teacher gives a non-finite loss, not a silent one.
     """
 
+    inputs = ("features",)
+
     def __init__(
         self,
         student_channels: int,
         teacher_channels: int,
         *,
-        scales: Sequence[int] = (1, 2, 4),
-        mask_mode: str = "topk",
-        ratio_sp: float = 0.65,
-        ratio_ch: float = 0.5,
-        tau: float = 0.5,
-        branches: Sequence[str] | str = ("spatial", "channel"),
-        weighting: str = "none",
-        scale_weights: Sequence[float] | None = None,
-        alpha: float = 2e-5,
-        share_generators: bool = True,
-        resize_student: bool = False,
-        seed: int | None = None,
+        scales: Sequence[int] = DEFAULTS["scales"],
+        mask_mode: str = DEFAULTS["mask_mode"],
+        ratio_sp: float = DEFAULTS["ratio_sp"],
+        ratio_ch: float = DEFAULTS["ratio_ch"],
+        tau: float = DEFAULTS["tau"],
+        branches: Sequence[str] | str = DEFAULTS["branches"],
+        weighting: str = DEFAULTS["weighting"],
+        scale_weights: Sequence[float] | None = DEFAULTS["scale_weights"],
+        alpha: float = DEFAULTS["alpha"],
+        share_generators: bool = DEFAULTS["share_generators"],
+        resize_student: bool = DEFAULTS["resize_student"],
+        seed: int | None = DEFAULTS["seed"],
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -173,10 +177,6 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
         gens = self.generators[branch]
         return gens[0] if self.share_generators else gens[scale_index]
 
-    def aligned_student(self, s_feat: Tensor, t_feat: Tensor, level: int | None = None) -> Tensor:
-        """Validate one level and return ``align(S)`` at the teacher's size: (N, Ct, H, W)."""
-        return align_student(self, s_feat, t_feat, level)
-
     def _masks(self, sp_sal: Tensor, ch_sal: Tensor, generator: torch.Generator | None) -> dict[str, Tensor]:
         """Each branch's mask from the pooled teacher's saliencies (no gradient)."""
         topk = functools.partial(ops.topk_mask, backend=self.backend)
@@ -186,18 +186,14 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             masks[b] = mask_from_saliency(sal, ratio, self.mask_mode, self.tau, generator, topk)
         return masks
 
-    def reconstruction_loss(self, x: Tensor, t_feat: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
-        """The loss from an aligned student ``x`` and the teacher, both (N, Ct, H, W).
-
-        Returns the scalar (float32; float64 for float64 inputs) and each used scale's
-        contribution.
-        """
+    def _reconstruction(self, x: Tensor, t_feat: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+        """The loss from an aligned student ``x`` and the teacher, both (N, Ct, H, W): the scalar
+        (float32; float64 for float64 inputs) and each used scale's contribution."""
         t_feat = t_feat.detach()
         h, w = t_feat.shape[-2:]
         used = active_scales(h, w, self.scales)
         random = self.mask_mode in ("sample", "random")
         generator = self._random.next(x.device) if random else None
-        total: Tensor | None = None  # the first term itself: no zero to add (one launch less)
         terms: dict[int, Tensor] = {}
         backend = self.backend
         teacher = ops.teacher_pyramid(t_feat, used, backend=backend)  # [(t_s, mean_c|t_s|, mean_hw|t_s|)]
@@ -218,7 +214,6 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
                 backend=backend,
             )  # fmt: skip
             terms[s] = term
-            total = term if total is None else total + term
         if not terms:
             warnings.warn(
                 f"no scale of {self.scales} fits a {h}x{w} map: this level contributes nothing "
@@ -226,14 +221,14 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
                 UserWarning,
                 stacklevel=2,
             )
+        parts = list(terms.values())
         if 1 not in terms:
             # The teacher was only seen through max-pooling (which drops a -inf) or not at all
             # (every scale larger than the map): keep NaN/Inf in it visible in the loss, and
             # stay attached to the student's graph.
             dtype = accumulation_dtype(x.dtype)
-            keep = 0.0 * (t_feat.sum(dtype=dtype) + x.sum(dtype=dtype))
-            total = keep if total is None else total + keep
-        assert total is not None
+            parts.append(0.0 * (t_feat.sum(dtype=dtype) + x.sum(dtype=dtype)))
+        total = sum_terms(parts)
         for p in self._unused_parameters(used):
             # An exact zero that reads no value (so a NaN in a parameter stays out of the loss),
             # with a zero gradient: every parameter takes part in every step, as DDP requires.
@@ -253,9 +248,16 @@ class ScaleAwareMaskedFeatureLoss(DistillationLoss):
             params.append(self.fusion_logits)
         return params
 
-    def forward(self, s_feat: Tensor, t_feat: Tensor) -> Tensor:
-        """student (N, Cs, H, W), teacher (N, Ct, H, W) -> float32 scalar."""
-        x = self.aligned_student(s_feat, t_feat)
-        loss, scale_terms = self.reconstruction_loss(x, t_feat)
+    def forward(
+        self, s_feat: Tensor, t_feat: Tensor, *, level: int | None = None, return_aligned: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """student (N, Cs, H, W), teacher (N, Ct, H, W) -> float32 scalar.
+
+        ``level``: the FPN level these maps are, named in error messages. ``return_aligned``:
+        also return the aligned student ``align(S)`` (N, Ct, H, W), detached (FAMKD's feature
+        guidance reads it).
+        """
+        x = align_student(self, s_feat, t_feat, level)
+        loss, scale_terms = self._reconstruction(x, t_feat)
         self._record({"total": loss, **{f"scale{s}": v for s, v in scale_terms.items()}})
-        return loss
+        return (loss, x.detach()) if return_aligned else loss

@@ -9,19 +9,11 @@ from torch import Tensor, nn
 
 from .. import ops
 from .._backend import check_backend
-from .._validation import (
-    as_levels,
-    check_channel_list,
-    check_channels,
-    check_image_size,
-    check_level_device,
-    check_non_negative,
-    check_positive,
-    plural,
-)
+from .._validation import check_channels, check_image_size, check_non_negative, check_positive, plural
 from ..functional import attention_from_saliency, box_masks, channel_attention, spatial_attention, squared_error_sum
 from ._base import DistillationLoss
 from ._common import align_student, make_align, to_module_dtype
+from ._levels import LevelLosses, channel_pairs, check_one_level
 
 __all__ = ["FGDLoss"]
 
@@ -77,6 +69,8 @@ class FGDLoss(DistillationLoss):
     ``conv_mask_t``, ``channel_add_conv_s``, ``channel_add_conv_t``), so its checkpoints load.
     """
 
+    inputs = ("features", "boxes")
+
     def __init__(
         self,
         student_channels: int | Sequence[int],
@@ -100,26 +94,23 @@ class FGDLoss(DistillationLoss):
         self.backend = check_backend(backend)
         self.multi_level = not isinstance(student_channels, int)
         if self.multi_level:
-            s_ch = check_channel_list("student_channels", student_channels)
-            t_ch = check_channel_list("teacher_channels", teacher_channels)
-            if len(s_ch) != len(t_ch):
-                raise ValueError(
-                    f"student_channels and teacher_channels must name the same number of levels, got "
-                    f"{len(s_ch)} and {len(t_ch)}"
-                )
-            self.levels = nn.ModuleList(
-                FGDLoss(
-                    cs,
-                    ct,
-                    tau=tau,
-                    alpha=alpha,
-                    beta=beta,
-                    gamma=gamma,
-                    lam=lam,
-                    resize_student=resize_student,
-                    backend=backend,
-                )
-                for cs, ct in zip(s_ch, t_ch)
+            # the levels' parts keep their own names ("level{l}/fg", ...): no "level{l}" total
+            self.levels = LevelLosses(
+                (
+                    FGDLoss(
+                        cs,
+                        ct,
+                        tau=tau,
+                        alpha=alpha,
+                        beta=beta,
+                        gamma=gamma,
+                        lam=lam,
+                        resize_student=resize_student,
+                        backend=backend,
+                    )
+                    for cs, ct in channel_pairs(student_channels, teacher_channels)
+                ),
+                level_totals=False,
             )
             return
         self.student_channels = check_channels("student_channels", student_channels)
@@ -192,21 +183,44 @@ class FGDLoss(DistillationLoss):
                     "(x1, y1, x2, y2 in input pixels); drop or fix such boxes before the loss"
                 )
 
-    def _level(
-        self, s: Tensor, t: Tensor, boxes: Sequence[Tensor], image_size: Sequence[int], level: int | None
-    ) -> tuple[Tensor, dict[str, Tensor]]:
-        """One level: the loss and its weighted parts ``fg``, ``bg``, ``attention``, ``global``."""
-        s = align_student(self, s, t, level)
-        t = t.detach()
+    def forward(
+        self,
+        s_feats: Tensor | Sequence[Tensor],
+        t_feats: Tensor | Sequence[Tensor],
+        boxes: Sequence[Tensor],
+        image_size: Sequence[int],
+        *,
+        level: int | None = None,
+    ) -> Tensor:
+        """One (N, C, H, W) pair (or sequences of levels), boxes, input size -> float32 scalar.
+
+        ``level``: the FPN level a single-level loss's maps are, named in error messages (the box
+        values are read at level 0 only, or in a call without a level: every level has the same boxes).
+        """
+        if self.multi_level:
+            return self._forward_child(self.levels, s_feats, t_feats, boxes, image_size)
+        check_one_level("FGDLoss", s_feats, t_feats)
+        s = align_student(self, s_feats, t_feats, level)
+        t = t_feats.detach()
         n, _, h, w = t.shape
         img_size = self._check_boxes(boxes, image_size, n, t.device)
         if level is None or level == 0:  # the same boxes serve every level: read them once
             self._check_box_values(boxes)
+        parts = self._weighted_parts(s, t, boxes, (h, w), img_size)
+        loss = parts["fg"] + parts["bg"] + parts["attention"] + parts["global"]
+        self._record({"total": loss, **parts})
+        return loss
 
+    def _weighted_parts(
+        self, s: Tensor, t: Tensor, boxes: Sequence[Tensor], size: tuple[int, int], img_size: tuple[float, float]
+    ) -> dict[str, Tensor]:
+        """The weighted terms ``fg``, ``bg``, ``attention`` and ``global`` of an aligned student
+        and the teacher, both (N, Ct, H, W) with ``size`` = (H, W)."""
+        n = t.shape[0]
         ((_, sp_sal, ch_sal),) = ops.teacher_pyramid(t, (1,), backend=self.backend)  # one read of T
         a_sp_t, a_ch_t = attention_from_saliency(sp_sal, self.tau), attention_from_saliency(ch_sal, self.tau)
         a_sp_s, a_ch_s = spatial_attention(s, self.tau), channel_attention(s, self.tau)
-        fg, bg = box_masks(boxes, (h, w), img_size)
+        fg, bg = box_masks(boxes, size, img_size)
         # the attention-weighted squared errors sum(M A_sp A_ch (S - T)^2) / N inside and outside the boxes
         fg_loss = ops.reconstruction_error([s], None, t, fg * a_sp_t, a_ch_t, backend=self.backend)
         bg_loss = ops.reconstruction_error([s], None, t, bg * a_sp_t, a_ch_t, backend=self.backend)
@@ -220,44 +234,9 @@ class FGDLoss(DistillationLoss):
             )
             / n
         )
-        parts = {
+        return {
             "fg": self.alpha * fg_loss,
             "bg": self.beta * bg_loss,
             "attention": self.gamma * at_loss,
             "global": self.lam * global_loss,
         }
-        return parts["fg"] + parts["bg"] + parts["attention"] + parts["global"], parts
-
-    def forward(
-        self,
-        s_feats: Tensor | Sequence[Tensor],
-        t_feats: Tensor | Sequence[Tensor],
-        boxes: Sequence[Tensor],
-        image_size: Sequence[int],
-    ) -> Tensor:
-        """One (N, C, H, W) pair (or sequences of levels), boxes, input size -> float32 scalar."""
-        if not self.multi_level:
-            if isinstance(s_feats, Sequence) or isinstance(t_feats, Sequence):
-                raise TypeError(
-                    f"this FGDLoss was built for one level (int channels), so s_feats and t_feats must be tensors; "
-                    f"got {type(s_feats).__name__} and {type(t_feats).__name__} (build it with sequences of "
-                    "channels for several levels)"
-                )
-            loss, parts = self._level(s_feats, t_feats, boxes, image_size, None)
-            self._record({"total": loss, **parts})
-            return loss
-        s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
-        if len(s_list) != len(self.levels):
-            raise ValueError(
-                f"s_feats has {plural(len(s_list), 'level')} but this loss was built for {len(self.levels)}"
-            )
-        total = None
-        terms: dict[str, Tensor] = {}
-        for i, (mod, s, t) in enumerate(zip(self.levels, s_list, t_list)):
-            v, parts = mod._level(s, t, boxes, image_size, i)
-            check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
-            total = v if total is None else total + v
-            terms.update({f"level{i}/{k}": p for k, p in parts.items()})
-        assert total is not None
-        self._record({"total": total, **terms})
-        return total

@@ -8,11 +8,9 @@ from torch import Tensor
 
 from .._backend import check_backend
 from .._validation import (
-    as_levels,
     at_level,
     check_channels,
     check_choice,
-    check_level_device,
     check_non_negative,
     check_positive,
     check_same_device,
@@ -22,6 +20,7 @@ from .._validation import (
 )
 from ..functional import binary_kl, softmax_kl, to_positions
 from ._base import DistillationLoss
+from ._levels import Levels, level_terms, sum_terms
 
 __all__ = ["KDLoss"]
 
@@ -49,6 +48,8 @@ class KDLoss(DistillationLoss):
         num_classes: K of dense (N, A*K, H, W) logits (several anchors per position).
         backend: ``"auto"``, ``"torch"``, ``"compile"`` or ``"triton"``.
     """
+
+    inputs = ("logits",)
 
     def __init__(
         self,
@@ -96,29 +97,24 @@ class KDLoss(DistillationLoss):
 
     def forward(self, s_logits: Tensor | Sequence[Tensor], t_logits: Tensor | Sequence[Tensor]) -> Tensor:
         """float32 scalar."""
-        s_list, t_list, single = as_levels("s_logits", s_logits, "t_logits", t_logits)
-        total = None
-        terms: dict[str, Tensor] = {}
-        for i, (s, t) in enumerate(zip(s_list, t_list)):
-            level = None if single else i
-            check_tensor("student logits", s, (1, 2, 3, 4, 5), level)
-            check_tensor("teacher logits", t, (1, 2, 3, 4, 5), level)
-            check_same_device([("student logits", s), ("teacher logits", t)], level)
-            check_level_device("s_logits", s, i, s_list[0], "s_logits at level 0")
-            if s.shape != t.shape:
-                raise ValueError(
-                    f"logits shapes differ{at_level(level)}: student {tuple(s.shape)}, teacher {tuple(t.shape)}"
-                )
-            warn_if_swapped("student logits", s, "teacher logits", t)
-            s, t = self._classes_last(s, t.detach(), level)
-            if self.mode == "softmax":
-                kl = softmax_kl(s, t, self.tau, dim=-1)
-            else:
-                kl = binary_kl(s, t, self.tau).sum(dim=-1)
-            v = kl.mean() * self.tau**2
-            total = v if total is None else total + v
-            terms[f"level{i}"] = self.loss_weight * v
-        assert total is not None
-        loss = self.loss_weight * total
-        self._record({"total": loss, **terms})
+        values = Levels.split("s_logits", s_logits, "t_logits", t_logits).map(self._level)
+        loss = self.loss_weight * sum_terms(values)
+        self._record({"total": loss, **level_terms(self.loss_weight * v for v in values)})
         return loss
+
+    def _level(self, s: Tensor, t: Tensor, *, level: int | None) -> Tensor:
+        """One level's ``tau^2 * mean KL`` (before ``loss_weight``)."""
+        check_tensor("student logits", s, (1, 2, 3, 4, 5), level)
+        check_tensor("teacher logits", t, (1, 2, 3, 4, 5), level)
+        check_same_device([("student logits", s), ("teacher logits", t)], level)
+        if s.shape != t.shape:
+            raise ValueError(
+                f"logits shapes differ{at_level(level)}: student {tuple(s.shape)}, teacher {tuple(t.shape)}"
+            )
+        warn_if_swapped("student logits", s, "teacher logits", t)
+        s, t = self._classes_last(s, t.detach(), level)
+        if self.mode == "softmax":
+            kl = softmax_kl(s, t, self.tau, dim=-1)
+        else:
+            kl = binary_kl(s, t, self.tau).sum(dim=-1)
+        return kl.mean() * self.tau**2

@@ -15,7 +15,6 @@ from .._validation import (
     at_level,
     check_channels,
     check_choice,
-    check_level_device,
     check_non_negative,
     check_pair,
     check_positive,
@@ -34,6 +33,8 @@ from ..functional import (
     region_aware_guidance,
 )
 from ._base import DistillationLoss
+from ._levels import Levels, level_terms, sum_terms
+from .presets import LOGITS_DEFAULTS as DEFAULTS
 
 __all__ = ["MaskedLogitsLoss", "GUIDANCES"]
 
@@ -84,18 +85,20 @@ class MaskedLogitsLoss(DistillationLoss):
     The teacher is detached. A NaN/Inf in the teacher propagates into the loss.
     """
 
+    inputs = ("logits",)
+
     def __init__(
         self,
         *,
-        head: str = "sigmoid",
-        temperature: float = 1.0,
-        guidance: str = "logit",
-        region_scales: Sequence[int] | None = None,
-        weights: str = "soft",
-        tau_w: float = 0.1,
-        ratio_l: float = 0.5,
-        beta: float = 1.0,
-        num_classes: int | None = None,
+        head: str = DEFAULTS["head"],
+        temperature: float = DEFAULTS["temperature"],
+        guidance: str = DEFAULTS["guidance"],
+        region_scales: Sequence[int] | None = DEFAULTS["region_scales"],
+        weights: str = DEFAULTS["weights"],
+        tau_w: float = DEFAULTS["tau_w"],
+        ratio_l: float = DEFAULTS["ratio_l"],
+        beta: float = DEFAULTS["beta"],
+        num_classes: int | None = DEFAULTS["num_classes"],
         backend: str = "auto",
     ) -> None:
         super().__init__()
@@ -208,55 +211,56 @@ class MaskedLogitsLoss(DistillationLoss):
         t_feats: Tensor | Sequence[Tensor] | None = None,
     ) -> Tensor:
         """Logits of one level or a sequence of levels -> float32 scalar."""
-        s_list, t_list, single = as_levels("s_logits", s_logits, "t_logits", t_logits)
-        sf_list: list[Tensor | None] = [None] * len(s_list)
-        tf_list: list[Tensor | None] = [None] * len(s_list)
-        if self.guidance == "feature":
-            if s_feats is None or t_feats is None:
-                raise ValueError("guidance='feature' needs s_feats and t_feats in forward()")
-            sf, tf, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
-            if len(sf) != len(s_list):
-                raise ValueError(
-                    f"guidance='feature' needs one feature level per logits level: got "
-                    f"{plural(len(sf), 'feature level')} and {plural(len(s_list), 'logits level')}"
-                )
-            sf_list, tf_list = list(sf), list(tf)
-        total = None
-        positions = 0
-        n0 = None
-        terms = []
-        for i, (s, t) in enumerate(zip(s_list, t_list)):
-            level = None if single else i
-            self._check_logits(s, t, level)
-            check_level_device("s_logits", s, i, s_list[0], "s_logits at level 0")
-            if n0 is None:
-                n0 = s.shape[0]
-            elif s.shape[0] != n0:
-                raise ValueError(f"batch size{at_level(level)} is {s.shape[0]} but level 0 has {n0}")
-            t = t.detach()
-            kl, logit_guide = ops.position_kl_and_prob_diff(
-                s,
-                t,
-                head=self.head,
-                temperature=self.temperature,
-                num_classes=self.num_classes,
-                prob_diff=self.guidance == "logit",
-                backend=self.backend,
-            )
-            d = self._guide(s, t, sf_list[i], tf_list[i], level, logit_guide)
-            w = guidance_weights(d, self.weights, tau_w=self.tau_w, ratio=self.ratio_l)
-            term = (w * kl).sum()
-            if self.weights == "mask" and self.guidance != "logit":
-                # A 0/1 mask only ranks D: keep a NaN/Inf in the feature guidance visible in the loss.
-                # (A NaN in the logit guidance comes from a NaN logit, whose position's KL the sum
-                # reads whatever its weight.)
-                term = term + 0.0 * d.sum()
-            terms.append(term)
-            total = term if total is None else total + term
-            positions += d.shape[1]
-        assert total is not None and n0 is not None
-        scale = self.beta * self.temperature**2 / (n0 * positions)
-        loss = scale * total
-        levels = {f"level{i}": functools.partial(torch.mul, term.detach(), scale) for i, term in enumerate(terms)}
-        self._record({"total": loss, **levels})  # per-level parts computed only if read
+        levels = Levels.split("s_logits", s_logits, "t_logits", t_logits)
+        per_level = levels.map(self._level, *self._guiding_features(s_feats, t_feats, len(levels)), same_batch=True)
+        terms = [term for term, _ in per_level]
+        positions = sum(p for _, p in per_level)
+        scale = self.beta * self.temperature**2 / (levels.student[0].shape[0] * positions)
+        loss = scale * sum_terms(terms)
+        # the per-level parts are computed only if read: no launch per level in the training step
+        self._record(
+            {"total": loss, **level_terms(functools.partial(torch.mul, term.detach(), scale) for term in terms)}
+        )
         return loss
+
+    def _guiding_features(
+        self, s_feats: Tensor | Sequence[Tensor] | None, t_feats: Tensor | Sequence[Tensor] | None, num_levels: int
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """The student and teacher features of each logits level that ``guidance="feature"`` reads
+        (``None`` per level with logit guidance)."""
+        if self.guidance != "feature":
+            return [None] * num_levels, [None] * num_levels
+        if s_feats is None or t_feats is None:
+            raise ValueError("guidance='feature' needs s_feats and t_feats in forward()")
+        sf, tf, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
+        if len(sf) != num_levels:
+            raise ValueError(
+                f"guidance='feature' needs one feature level per logits level: got "
+                f"{plural(len(sf), 'feature level')} and {plural(num_levels, 'logits level')}"
+            )
+        return list(sf), list(tf)
+
+    def _level(
+        self, s: Tensor, t: Tensor, s_feat: Tensor | None, t_feat: Tensor | None, *, level: int | None
+    ) -> tuple[Tensor, int]:
+        """One level's weighted KL ``sum_p W(p) KL(p)`` (before the scale) and its positions P."""
+        self._check_logits(s, t, level)
+        t = t.detach()
+        kl, logit_guide = ops.position_kl_and_prob_diff(
+            s,
+            t,
+            head=self.head,
+            temperature=self.temperature,
+            num_classes=self.num_classes,
+            prob_diff=self.guidance == "logit",
+            backend=self.backend,
+        )
+        d = self._guide(s, t, s_feat, t_feat, level, logit_guide)
+        w = guidance_weights(d, self.weights, tau_w=self.tau_w, ratio=self.ratio_l)
+        term = (w * kl).sum()
+        if self.weights == "mask" and self.guidance != "logit":
+            # A 0/1 mask only ranks D: keep a NaN/Inf in the feature guidance visible in the loss.
+            # (A NaN in the logit guidance comes from a NaN logit, whose position's KL the sum
+            # reads whatever its weight.)
+            term = term + 0.0 * d.sum()
+        return term, d.shape[1]

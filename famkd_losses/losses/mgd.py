@@ -5,20 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from .. import ops
 from .._backend import check_backend
-from .._validation import (
-    as_levels,
-    check_channel_list,
-    check_channels,
-    check_choice,
-    check_level_device,
-    check_non_negative,
-    check_ratio,
-    plural,
-)
+from .._validation import check_channels, check_choice, check_non_negative, check_ratio
 from ..functional import bernoulli_mask
 from ._base import DistillationLoss
 from ._common import (
@@ -29,6 +20,7 @@ from ._common import (
     register_mask_step,
     to_module_dtype,
 )
+from ._levels import LevelLosses, channel_pairs, check_one_level
 
 __all__ = ["MGDLoss"]
 
@@ -66,6 +58,8 @@ class MGDLoss(DistillationLoss):
     checkpoints load. Shapes: student (N, Cs, H, W), teacher (N, Ct, H, W); float32 scalar.
     """
 
+    inputs = ("features",)
+
     def __init__(
         self,
         student_channels: int | Sequence[int],
@@ -94,14 +88,7 @@ class MGDLoss(DistillationLoss):
         self.backend = check_backend(backend)
         self.multi_level = not isinstance(student_channels, int)
         if self.multi_level:
-            s_ch = check_channel_list("student_channels", student_channels)
-            t_ch = check_channel_list("teacher_channels", teacher_channels)
-            if len(s_ch) != len(t_ch):
-                raise ValueError(
-                    f"student_channels and teacher_channels must name the same number of levels, got "
-                    f"{len(s_ch)} and {len(t_ch)}"
-                )
-            self.levels = nn.ModuleList(
+            self.levels = LevelLosses(
                 MGDLoss(
                     cs,
                     ct,
@@ -113,14 +100,14 @@ class MGDLoss(DistillationLoss):
                     resize_student=resize_student,
                     backend=backend,
                 )
-                for i, (cs, ct) in enumerate(zip(s_ch, t_ch))
+                for i, (cs, ct) in enumerate(channel_pairs(student_channels, teacher_channels))
             )
-        else:
-            self.student_channels = check_channels("student_channels", student_channels)
-            self.teacher_channels = check_channels("teacher_channels", teacher_channels)
-            self.align = make_align(self.student_channels, self.teacher_channels)
-            self.generation = FeatureGenerator(self.teacher_channels)
-            register_mask_step(self, self._random)  # the stream's position, in state_dict
+            return
+        self.student_channels = check_channels("student_channels", student_channels)
+        self.teacher_channels = check_channels("teacher_channels", teacher_channels)
+        self.align = make_align(self.student_channels, self.teacher_channels)
+        self.generation = FeatureGenerator(self.teacher_channels)
+        register_mask_step(self, self._random)  # the stream's position, in state_dict
 
     def _draw(self, shape: tuple[int, ...], device: torch.device) -> Tensor:
         if self.generator is not None:
@@ -129,40 +116,23 @@ class MGDLoss(DistillationLoss):
             gen = self._random.next(device)
         return bernoulli_mask(shape, self.ratio, gen, device)
 
-    def _level(self, s: Tensor, t: Tensor, level: int | None) -> Tensor:
-        x = align_student(self, s, t, level)
-        t = t.detach()
+    def forward(
+        self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor], *, level: int | None = None
+    ) -> Tensor:
+        """One (N, C, H, W) pair, or sequences of levels for a multi-level loss -> float32 scalar.
+
+        ``level``: the FPN level a single-level loss's maps are, named in error messages.
+        """
+        if self.multi_level:
+            return self._forward_child(self.levels, s_feats, t_feats)
+        check_one_level("MGDLoss", s_feats, t_feats)
+        x = align_student(self, s_feats, t_feats, level)
+        t = t_feats.detach()
         n, c, h, w = x.shape
         shape = (n, 1, h, w) if self.mask == "spatial" else (n, c, 1, 1)
         m = self._draw(shape, x.device)
         x = to_module_dtype(x, self.generation)
         recon = self.generation(x * m.to(x.dtype))
-        return ops.reconstruction_error([recon], None, t, scale=self.alpha, backend=self.backend)
-
-    def forward(self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor]) -> Tensor:
-        """One (N, C, H, W) pair, or sequences of levels for a multi-level loss -> float32 scalar."""
-        if not self.multi_level:
-            if isinstance(s_feats, Sequence) or isinstance(t_feats, Sequence):
-                raise TypeError(
-                    f"this MGDLoss was built for one level (int channels), so s_feats and t_feats must be tensors; "
-                    f"got {type(s_feats).__name__} and {type(t_feats).__name__} (build it with sequences of "
-                    "channels for several levels)"
-                )
-            loss = self._level(s_feats, t_feats, None)
-            self._record({"total": loss})
-            return loss
-        s_list, t_list, _ = as_levels("s_feats", s_feats, "t_feats", t_feats)
-        if len(s_list) != len(self.levels):
-            raise ValueError(
-                f"s_feats has {plural(len(s_list), 'level')} but this loss was built for {len(self.levels)}"
-            )
-        total = None
-        terms: dict[str, Tensor] = {}
-        for i, (mod, s, t) in enumerate(zip(self.levels, s_list, t_list)):
-            v = mod._level(s, t, i)
-            check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
-            total = v if total is None else total + v
-            terms[f"level{i}"] = v
-        assert total is not None
-        self._record({"total": total, **terms})
-        return total
+        loss = ops.reconstruction_error([recon], None, t, scale=self.alpha, backend=self.backend)
+        self._record({"total": loss})
+        return loss

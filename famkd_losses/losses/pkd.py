@@ -9,10 +9,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .._backend import check_backend
-from .._validation import as_levels, at_level, check_level_device, check_non_negative, check_pair
+from .._validation import at_level, check_non_negative, check_pair
 from ..functional import pearson_loss
 from ._base import DistillationLoss
 from ._common import NO_ALIGN_HINT
+from ._levels import Levels, level_terms, sum_terms
 
 __all__ = ["PKDLoss"]
 
@@ -35,6 +36,8 @@ class PKDLoss(DistillationLoss):
     Inputs: one (N, C, H, W) pair or sequences of levels; N*H*W >= 2 per level.
     """
 
+    inputs = ("features",)
+
     def __init__(self, *, loss_weight: float = 1.0, resize_student: bool = True, backend: str = "auto") -> None:
         super().__init__()
         self.loss_weight = check_non_negative("loss_weight", loss_weight)
@@ -43,31 +46,26 @@ class PKDLoss(DistillationLoss):
 
     def forward(self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor]) -> Tensor:
         """float32 scalar."""
-        s_list, t_list, single = as_levels("s_feats", s_feats, "t_feats", t_feats)
-        total = None
-        terms: dict[str, Tensor] = {}
-        for i, (s, t) in enumerate(zip(s_list, t_list)):
-            level = None if single else i
-            check_pair(
-                "student feature", s, "teacher feature", t, level=level, same_spatial=False, channels_hint=NO_ALIGN_HINT
-            )
-            check_level_device("s_feats", s, i, s_list[0], "s_feats at level 0")
-            t = t.detach()
-            if s.shape[-2:] != t.shape[-2:]:
-                if self.resize_student:
-                    s = F.interpolate(s, size=tuple(t.shape[-2:]), mode="bilinear", align_corners=False)
-                else:
-                    t = F.interpolate(t, size=tuple(s.shape[-2:]), mode="bilinear", align_corners=False)
-            n, _, h, w = s.shape
-            if n * h * w < 2:
-                raise ValueError(
-                    f"PKD standardises each channel over N*H*W values{at_level(level)}, which needs at least 2; "
-                    f"got shape {tuple(s.shape)}"
-                )
-            v = pearson_loss(s, t)
-            total = v if total is None else total + v
-            terms[f"level{i}"] = self.loss_weight * v
-        assert total is not None
-        loss = self.loss_weight * total
-        self._record({"total": loss, **terms})
+        values = Levels.split("s_feats", s_feats, "t_feats", t_feats).map(self._level)
+        loss = self.loss_weight * sum_terms(values)
+        self._record({"total": loss, **level_terms(self.loss_weight * v for v in values)})
         return loss
+
+    def _level(self, s: Tensor, t: Tensor, *, level: int | None) -> Tensor:
+        """One level's ``mean((S' - T')^2) / 2`` (before ``loss_weight``)."""
+        check_pair(
+            "student feature", s, "teacher feature", t, level=level, same_spatial=False, channels_hint=NO_ALIGN_HINT
+        )
+        t = t.detach()
+        if s.shape[-2:] != t.shape[-2:]:
+            if self.resize_student:
+                s = F.interpolate(s, size=tuple(t.shape[-2:]), mode="bilinear", align_corners=False)
+            else:
+                t = F.interpolate(t, size=tuple(s.shape[-2:]), mode="bilinear", align_corners=False)
+        n, _, h, w = s.shape
+        if n * h * w < 2:
+            raise ValueError(
+                f"PKD standardises each channel over N*H*W values{at_level(level)}, which needs at least 2; "
+                f"got shape {tuple(s.shape)}"
+            )
+        return pearson_loss(s, t)
