@@ -279,8 +279,9 @@ def summarise(cfg: PlateauConfig, state: dict) -> dict:
         ]
 
     # the main runs of the first seed: what the diagnosis and the longer runs are read against
-    longer = {e["key"] for e in entries("length")}
-    reference = [e for e in entries("main") if e["seed"] == cfg.seed and e["key"] in (longer or LENGTH)]
+    seeds = {e["seed"] for e in entries("length") + entries("diagnosis")}
+    keys = set(LENGTH) | {e["key"] for e in entries("length")}
+    reference = [e for e in entries("main") if e["seed"] in seeds and e["key"] in keys]
     return {
         "rows": rows,
         "paired": paired,
@@ -376,23 +377,31 @@ def results_markdown(cfg: PlateauConfig, state: dict, tables: dict) -> str:
             )
         lines.append("")
     sections = (
-        ("diagnosis", f"## Where the gain comes from (seed {cfg.seed})"),
-        ("length", f"## At {cfg.length_factor}x the students' schedule (seed {cfg.seed})"),
+        ("diagnosis", "## Where the gain comes from"),
+        ("length", f"## At {cfg.length_factor}x the students' schedule"),
     )
     for role, heading in sections:
-        if not tables.get(role):
+        runs = tables.get(role)
+        if not runs:
             continue
+        keys, seeds = {d["key"] for d in runs}, {d["seed"] for d in runs}
+        # read against the main runs of the same seeds (for the longer runs: of the same methods)
+        refs = [
+            d
+            for d in tables.get("reference", [])
+            if d["seed"] in seeds and d["key"] in (keys if role == "length" else LENGTH)
+        ]
         lines += [
             heading,
             "",
-            "| run | iterations | val AP | val AP gained over the last quarter | test AP | test AP50 | test APs | "
-            "test APm | test APl |",
-            "|---|---:|---:|---|---:|---:|---:|---:|---:|",
+            "| run | seed | iterations | val AP | val AP gained over the last quarter | test AP | test AP50 | "
+            "test APs | test APm | test APl |",
+            "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|",
         ]
-        for d in tables.get("reference", []) + tables[role]:
+        for d in sorted(refs + runs, key=lambda d: d["seed"]):  # stable: each seed's main runs first
             v, m = d["val"], d["test"]
             lines.append(
-                f"| {d['label']} | {d['iterations']} | {v['AP']:.1f} | "
+                f"| {d['label']} | {d['seed']} | {d['iterations']} | {v['AP']:.1f} | "
                 f"{_gain_text(d['last_quarter_gain_val'], cfg.plateau_tol)} | {m['AP']:.1f} | {m['AP50']:.1f} | "
                 f"{m['APs']:.1f} | {m['APm']:.1f} | {m['APl']:.1f} |"
             )
