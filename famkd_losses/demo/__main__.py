@@ -94,6 +94,12 @@ def _parser() -> argparse.ArgumentParser:
         "part",
     )
     p.add_argument(
+        "--length-seeds",
+        type=int,
+        default=None,
+        help="plateau: the length part over the first N training seeds (default 1)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="plateau: reuse the finished runs of --out's results.json (same sizes and schedule) and train only "
@@ -210,6 +216,7 @@ def _plateau(args: argparse.Namespace, start: float) -> int:
         jobs=args.jobs,
         resume=args.resume,
         methods=_plateau_methods(args.methods),
+        length_seeds=args.length_seeds,
         **_shared_options(args),
         **_plateau_parts(args.parts),
     )

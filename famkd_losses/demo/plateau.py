@@ -107,8 +107,9 @@ class PlateauConfig:
     ablation: bool = True
     ablation_variants: int | None = None  # the first this many of `ABLATION` (None: all)
     diagnosis: bool = False  # the `DIAGNOSIS` runs (first seed)
-    length: bool = False  # `LENGTH` (or `methods`) at `length_factor` x `student_iters` (first seed)
+    length: bool = False  # `LENGTH` (or `methods`) at `length_factor` x `student_iters`
     length_factor: int = 2
+    length_seeds: int = 1  # the longer runs over the first this many seeds
     resume: bool = False  # reuse the finished runs of ``out/results.json``
     teacher: BackboneConfig = TEACHER
     student: BackboneConfig = STUDENT
@@ -508,7 +509,8 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     if cfg.diagnosis:
         plan += [(key, cfg.seed, "diagnosis", None, decay, n) for key, decay in DIAGNOSIS]
     if cfg.length:
-        plan += [(key, cfg.seed, "length", None, False, n * cfg.length_factor) for key in cfg.methods or LENGTH]
+        for seed in range(cfg.seed, cfg.seed + cfg.length_seeds):
+            plan += [(key, seed, "length", None, False, n * cfg.length_factor) for key in cfg.methods or LENGTH]
     earlier, earlier_wall = _earlier_runs(cfg, state) if cfg.resume else ([], 0.0)
     done = _reuse(plan, earlier)
     if earlier:
