@@ -6,7 +6,7 @@ says; COCO under data/coco/):
     # 8 GPUs x 2 images = batch 16, the schedule below
     bash mmrazor/tools/dist_train.sh examples/mmrazor/famkd_retinanet_x101_r50.py 8
 
-Status: ``tests/test_integration_mmdet.py`` reads this file with ``mmengine.Config.fromfile``, builds
+Status: ``tests/integrations/test_integration_mmdet.py`` reads this file with ``mmengine.Config.fromfile``, builds
 every entry of ``distill_losses`` with our registry and checks the recorder/mapping layout; with mmdet
 3.3.0 and mmrazor 1.0.0 installed it also builds the whole model (the X101-64x4d teacher and the R50
 student from mmdet's config files, random weights: ``teacher_ckpt`` set to None) and runs one training

@@ -383,7 +383,7 @@ def test_the_example_script_trains_with_fgd(tmp_path):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "examples" / "ultralytics_distill.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "ultralytics_distill.py"
     spec = importlib.util.spec_from_file_location("ultralytics_distill", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

@@ -39,7 +39,7 @@ from mmengine.utils import import_modules_from_strings  # noqa: E402
 import famkd_losses  # noqa: E402
 from famkd_losses.integrations import mmdet as mm  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "mmrazor" / "famkd_retinanet_x101_r50.py"
 NAMES = [  # every loss class of the package, in famkd_losses.losses.__all__'s order
     "CWDLoss",
