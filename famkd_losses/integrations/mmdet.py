@@ -51,9 +51,11 @@ from ..losses import (
 __all__ = [
     "INSTALL_HINT",
     "LOSS_NAMES",
+    "BoxesFromDataSamples",
     "MMDetFGDLoss",
     "REGISTERED_ON_IMPORT",
     "boxes_from_data_samples",
+    "for_mmdet",
     "loss_classes",
     "register",
 ]
@@ -102,13 +104,10 @@ def boxes_from_data_samples(data_samples: Sequence[Any]) -> tuple[list[Tensor], 
     return boxes, sizes.pop()
 
 
-class MMDetFGDLoss(FGDLoss):
-    """`FGDLoss` that also takes mmdetection's ``data_samples`` (registered as ``"FGDLoss"``).
-
-    ``forward(s_feats, t_feats, boxes=None, image_size=None, data_samples=None)``: give either
-    ``boxes`` and ``image_size`` (as `FGDLoss`), or ``data_samples``, from which the missing ones
-    are read (`boxes_from_data_samples`). Everything else is `FGDLoss`.
-    """
+class BoxesFromDataSamples:
+    """Mixin for a loss that declares ``"boxes"`` among its inputs (``forward(s, t, boxes,
+    image_size)``): it also takes mmdetection's ``data_samples``, from which the missing boxes and
+    padded input size are read (`boxes_from_data_samples`)."""
 
     def forward(  # type: ignore[override]
         self,
@@ -121,20 +120,42 @@ class MMDetFGDLoss(FGDLoss):
         if boxes is None or image_size is None:
             if data_samples is None:
                 raise ValueError(
-                    "FGDLoss needs the ground-truth boxes and the padded input size: pass boxes= and image_size=, "
-                    "or data_samples= (mmdet DetDataSample list; in mmrazor map it from a ModuleInputs recorder "
-                    "on the detector with data_idx=1)"
+                    f"{_loss_name(self)} needs the ground-truth boxes and the padded input size: "
+                    "pass boxes= and image_size=, or data_samples= (mmdet DetDataSample list; in mmrazor map it "
+                    "from a ModuleInputs recorder on the detector with data_idx=1)"
                 )
             ds_boxes, ds_size = boxes_from_data_samples(data_samples)
             boxes = ds_boxes if boxes is None else boxes
             image_size = ds_size if image_size is None else image_size
-        return super().forward(s_feats, t_feats, boxes, image_size)
+        return super().forward(s_feats, t_feats, boxes, image_size)  # type: ignore[misc]
+
+
+def _loss_name(loss: object) -> str:
+    return next(c.__name__ for c in type(loss).__mro__ if not issubclass(c, BoxesFromDataSamples))
+
+
+class MMDetFGDLoss(BoxesFromDataSamples, FGDLoss):
+    """`FGDLoss` that also takes mmdetection's ``data_samples`` (registered as ``"FGDLoss"``).
+
+    ``forward(s_feats, t_feats, boxes=None, image_size=None, data_samples=None)``: give either
+    ``boxes`` and ``image_size`` (as `FGDLoss`), or ``data_samples``, from which the missing ones
+    are read (`boxes_from_data_samples`). Everything else is `FGDLoss`.
+    """
+
+
+def for_mmdet(cls: type) -> type:
+    """The class registered for loss ``cls``: ``cls`` itself, or, where it declares ``"boxes"``
+    among its inputs, a subclass that also reads them from ``data_samples``."""
+    if "boxes" not in getattr(cls, "inputs", ()):
+        return cls
+    if cls is FGDLoss:
+        return MMDetFGDLoss
+    return type(f"MMDet{cls.__name__}", (BoxesFromDataSamples, cls), {"__doc__": cls.__doc__})
 
 
 def loss_classes() -> dict[str, type]:
     """The registered name of every loss and the class built for it."""
-    # FGD takes mmdet's data_samples too; every other loss is registered as it is
-    return {name: MMDetFGDLoss if name == "FGDLoss" else getattr(_losses, name) for name in LOSS_NAMES}
+    return {name: for_mmdet(getattr(_losses, name)) for name in LOSS_NAMES}
 
 
 def _mmengine_models() -> Any:

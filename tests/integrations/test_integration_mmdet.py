@@ -874,3 +874,25 @@ def test_real_example_config_builds_and_trains_one_step(openmmlab, example_cfg):
     assert terms["feature"] > 0 and terms["logits"] > 0
     assert not torch.equal(algo.student.bbox_head.retina_cls.weight, head_before)
     assert not _changed(_state(algo.teacher), teacher_before)
+
+
+def test_a_loss_that_declares_boxes_is_registered_taking_data_samples():
+    from famkd_losses import FGDLoss, MGDLoss
+
+    class BoxLoss(MGDLoss):  # a feature loss that also needs the boxes
+        inputs = ("features", "boxes")
+
+        def forward(self, s_feats, t_feats, boxes, image_size):
+            return super().forward(s_feats, t_feats) + 0.0 * sum(b.sum() for b in boxes) + 0.0 * image_size[0]
+
+    assert mm.for_mmdet(MGDLoss) is MGDLoss  # features only: registered as it is
+    assert mm.for_mmdet(FGDLoss) is mm.MMDetFGDLoss
+    wrapped = mm.for_mmdet(BoxLoss)
+    assert issubclass(wrapped, BoxLoss) and issubclass(wrapped, mm.BoxesFromDataSamples)
+    loss = wrapped(4, 4, seed=0)
+    s, t = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    sample = BaseDataElement(metainfo={"batch_input_shape": (32, 32)})
+    sample.gt_instances = InstanceData(bboxes=torch.tensor([[2.0, 2.0, 20.0, 20.0]]))
+    assert torch.isfinite(loss(s, t, data_samples=[sample]))
+    with pytest.raises(ValueError, match="BoxLoss needs the ground-truth boxes"):
+        loss(s, t)
