@@ -745,21 +745,20 @@ def plot_val_curves(
     runs of role ``"ablation"``, ``"diagnosis"`` or ``"length"`` are dashed; the teacher is drawn on its
     own iteration axis (left)."""
     plt = _plt()
-    fig, (ax_t, ax) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 2.2]})
+    fig, (ax_t, ax) = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [1, 2.2]})
     seen: set[str] = set()
     styles = ["--", ":", "-."]
-    ablations = 0
+    dashed: dict[str, str] = {}  # one line style per label of the extra runs (its seeds share it)
     for key, label, curve, role in curves:
         if not curve:
             continue
         its = [p[0] for p in curve]
         vals = [p[1][metric] for p in curve]
         target = ax_t if key == "teacher" else ax
+        ls = "-"
         if role in ("ablation", "diagnosis", "length"):
-            ls, legend = styles[ablations % len(styles)], label
-            ablations += 1
-        else:
-            ls, legend = "-", None if label in seen else label
+            ls = dashed.setdefault(label, styles[len(dashed) % len(styles)])
+        legend = None if label in seen else label
         seen.add(label)
         target.plot(its, vals, ls=ls, marker="o", ms=3, lw=1.3, color=method_color(key), label=legend, alpha=0.9)
     teacher = [c for c in curves if c[0] == "teacher" and c[2]]
@@ -768,10 +767,12 @@ def plot_val_curves(
         ax.axhline(final, ls=":", lw=1.2, color=method_color("teacher"), label=f"teacher, final ({final:.1f})")
     ax_t.set(title="teacher", xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
     ax.set(title="students (one line per seed)", xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
-    for a in (ax_t, ax):
-        a.grid(alpha=0.3)
-        if a.get_legend_handles_labels()[0]:
-            a.legend(fontsize=8, loc="lower right")
+    ax_t.grid(alpha=0.3)
+    if ax_t.get_legend_handles_labels()[0]:
+        ax_t.legend(fontsize=8, loc="lower right")
+    ax.grid(alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
