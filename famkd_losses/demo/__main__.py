@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -179,26 +180,26 @@ def _finish(out: Path, start: float, all_finite: bool) -> int:
     return 0 if all_finite else 1
 
 
+def _comma_list(option: str, value: str, known: Sequence[str]) -> tuple[str, ...]:
+    """The names in ``value`` ("a,b"), each one of ``known``, in their order; exits naming ``option`` otherwise."""
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names or any(name not in known for name in names):
+        raise SystemExit(f"{option} takes {', '.join(known)} (comma-separated); got {value!r}")
+    return names
+
+
 def _plateau_parts(parts: str | None) -> dict[str, bool]:
     if parts is None:
         return {}
-    names = {p.strip() for p in parts.split(",") if p.strip()}
     known = ("main", "ablation", "diagnosis", "length")
-    if names - set(known) or not names:
-        raise SystemExit(f"--parts takes {', '.join(known)} (comma-separated); got {parts!r}")
+    names = _comma_list("--parts", parts, known)
     return {name: name in names for name in known}
 
 
 def _plateau_methods(methods: str | None) -> tuple[str, ...] | None:
     from .methods import METHODS
 
-    if methods is None:
-        return None
-    names = tuple(m.strip() for m in methods.split(",") if m.strip())
-    known = ("student", *METHODS)
-    if not names or any(m not in known for m in names):
-        raise SystemExit(f"--methods takes {', '.join(known)} (comma-separated); got {methods!r}")
-    return names
+    return None if methods is None else _comma_list("--methods", methods, ("student", *METHODS))
 
 
 def _plateau(args: argparse.Namespace, start: float) -> int:

@@ -280,16 +280,17 @@ def summarise(cfg: PlateauConfig, state: dict) -> dict:
         ]
 
     # the main runs of the first seed: what the diagnosis and the longer runs are read against
-    seeds = {e["seed"] for e in entries("length") + entries("diagnosis")}
-    keys = set(LENGTH) | {e["key"] for e in entries("length")}
+    diagnosis, longer = entries("diagnosis"), entries("length")
+    seeds = {e["seed"] for e in longer + diagnosis}
+    keys = set(LENGTH) | {e["key"] for e in longer}
     reference = [e for e in entries("main") if e["seed"] in seeds and e["key"] in keys]
     return {
         "rows": rows,
         "paired": paired,
         "ablation": ablation,
         "reference": reference,
-        "diagnosis": entries("diagnosis"),
-        "length": entries("length"),
+        "diagnosis": diagnosis,
+        "length": longer,
     }
 
 

@@ -43,6 +43,7 @@ from .masks import (
 from .normalization import channel_wise_divergence, pearson_loss, standardize_channels
 from .pyramid import active_scales, blockwise_upsample, max_pool, maxpool_pyramid, teacher_pyramid
 from .reconstruction import (
+    branch_reconstruction_error,
     fuse_reconstructions,
     fusion_weights,
     reconstruction_error,
@@ -58,6 +59,7 @@ __all__ = [
     "bernoulli_mask",
     "binary_kl",
     "blockwise_upsample",
+    "branch_reconstruction_error",
     "box_masks",
     "channel_attention",
     "channel_mask",

@@ -9,7 +9,13 @@ from torch import Tensor
 
 from ._dtypes import to_accumulation_dtype
 
-__all__ = ["fusion_weights", "fuse_reconstructions", "reconstruction_error", "squared_error_sum"]
+__all__ = [
+    "fusion_weights",
+    "fuse_reconstructions",
+    "reconstruction_error",
+    "squared_error_sum",
+    "branch_reconstruction_error",
+]
 
 
 def fusion_weights(fusion_logits: Tensor) -> Tensor:
@@ -53,3 +59,16 @@ def squared_error_sum(pred: Tensor, target: Tensor, weight: Tensor | None = None
 def reconstruction_error(pred: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
     """``sum(weight * (pred - target)^2) / N`` for (N, C, H, W) maps, float32 scalar."""
     return squared_error_sum(pred, target, weight) / pred.shape[0]
+
+
+def branch_reconstruction_error(
+    recons: Sequence[Tensor],
+    fusion_logits: Tensor | None,
+    target: Tensor,
+    a_sp: Tensor | None = None,
+    a_ch: Tensor | None = None,
+) -> Tensor:
+    """``reconstruction_error(fuse_reconstructions(recons, fusion_logits), target, a_sp * a_ch)``:
+    float32 scalar; an absent attention map (spatial (N, 1, H, W), channel (N, C, 1, 1)) reads as 1."""
+    weight = a_ch if a_sp is None else (a_sp if a_ch is None else a_sp * a_ch)
+    return reconstruction_error(fuse_reconstructions(recons, fusion_logits), target, weight)

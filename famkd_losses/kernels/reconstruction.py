@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from ..functional import fuse_reconstructions, reconstruction_error
+from ..functional import branch_reconstruction_error
 from . import HAS_TRITON, can_run, on_device
 from ._common import has_kernel_dtype
 
@@ -493,16 +493,14 @@ class _FusedReconstructionError(torch.autograd.Function):
         return None, None, None, dlogits, None, dr0, dr1, None
 
 
-def _reference(recons, fusion_logits, target, a_sp, a_ch) -> Tensor:
-    weight = a_sp if a_ch is None else (a_ch if a_sp is None else a_sp * a_ch)
-    return reconstruction_error(fuse_reconstructions(recons, fusion_logits), target, weight)
-
-
 def _scaled(scale: float, loss: Tensor) -> Tensor:
     return loss if scale == 1.0 else scale * loss
 
 
-def _kernel_ok(recons, fusion_logits, target, a_sp, a_ch) -> bool:
+def supported(
+    recons: Sequence[Tensor], fusion_logits: Tensor | None, target: Tensor, a_sp: Tensor | None, a_ch: Tensor | None
+) -> bool:
+    """Whether `fused_reconstruction_error` takes these inputs (``fusion_logits``: theta (B,) or None)."""
     if not 1 <= len(recons) <= 2 or target.dim() != 4 or target.numel() == 0:
         return False
     if any(r.shape != target.shape for r in recons):
@@ -561,21 +559,14 @@ def fused_reconstruction_error(
                 f"{None if fusion_logits is None else tuple(fusion_logits.shape)}"
             )
         fusion_logits = fusion_logits[row]
-    if not _kernel_ok(recons, fusion_logits, target, a_sp, a_ch):
-        return _scaled(scale, _reference(recons, fusion_logits, target, a_sp, a_ch))
+    if not supported(recons, fusion_logits, target, a_sp, a_ch):
+        return _scaled(scale, branch_reconstruction_error(recons, fusion_logits, target, a_sp, a_ch))
     n, c, h, w = target.shape
     try:
         a_sp_k = None if a_sp is None else a_sp.detach().expand(n, 1, h, w)
         a_ch_k = None if a_ch is None else a_ch.detach().expand(n, c, 1, 1)
     except RuntimeError:  # not broadcastable: let the reference raise its error
-        return _scaled(scale, _reference(recons, fusion_logits, target, a_sp, a_ch))
+        return _scaled(scale, branch_reconstruction_error(recons, fusion_logits, target, a_sp, a_ch))
     r1 = recons[1] if len(recons) == 2 else None
     logits, row = (fusion_logits, 0) if row is None else (matrix, row)
     return _FusedReconstructionError.apply(target.detach(), a_sp_k, a_ch_k, logits, row, recons[0], r1, scale)
-
-
-def supported(
-    recons: Sequence[Tensor], fusion_logits: Tensor | None, target: Tensor, a_sp: Tensor | None, a_ch: Tensor | None
-) -> bool:
-    """Whether `fused_reconstruction_error` takes these inputs (``fusion_logits``: theta (B,) or None)."""
-    return _kernel_ok(list(recons), fusion_logits, target, a_sp, a_ch)

@@ -322,7 +322,8 @@ def _groups(scales: Sequence[int]) -> list[tuple[int, ...]]:
     return [tuple(g) for g in groups]
 
 
-def _use_kernels(x: Tensor) -> bool:
+def supported(x: Tensor) -> bool:
+    """Whether the pyramid kernels take ``x`` (float32/float16/bfloat16, not empty, a device triton runs on)."""
     return has_kernel_dtype(x) and x.numel() > 0 and can_run(x)
 
 
@@ -427,7 +428,7 @@ def teacher_saliency_pyramid(
     """
     h, w = t.shape[-2:]
     act = active_scales(h, w, scales)
-    if not _use_kernels(t):
+    if not supported(t):
         with torch.no_grad():
             out = []
             for s in act:
@@ -556,7 +557,7 @@ def max_pool_pyramid_student(
     """
     h, w = x.shape[-2:]
     act = active_scales(h, w, scales)
-    if not _use_kernels(x):
+    if not supported(x):
         return maxpool_pyramid(x, scales)
     pooled_scales = tuple(s for s in act if s > 1)
     if not pooled_scales:
@@ -571,8 +572,3 @@ def max_pool_pyramid_student(
             launch = _pool_launch(x, group, stats=False, argmax=False, tile=tile, block_c=block_c)
             by_scale.update((s, out) for s, (out, _, _, _) in zip(group, launch))
     return [(s, by_scale[s]) for s in act]
-
-
-def supported(x: Tensor) -> bool:
-    """Whether the pyramid kernels take ``x`` (float32/float16/bfloat16, not empty, a device triton runs on)."""
-    return _use_kernels(x)

@@ -28,8 +28,7 @@ def _reference(
     row: int | None,
 ) -> Tensor:
     theta = fusion_logits if row is None or fusion_logits is None else fusion_logits[row]
-    weight = a_ch if a_sp is None else (a_sp if a_ch is None else a_sp * a_ch)
-    loss = F.reconstruction_error(F.fuse_reconstructions(recons, theta), target, weight)
+    loss = F.branch_reconstruction_error(recons, theta, target, a_sp, a_ch)
     return loss if scale == 1.0 else scale * loss
 
 
