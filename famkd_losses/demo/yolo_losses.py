@@ -52,8 +52,11 @@ class AlignedCWDLoss(DistillationLoss):
     """`CWDLoss` on ``align_l(S_l)``: a 1x1 convolution per level maps the student's channels to the teacher's.
 
     Args:
-        student_channels, teacher_channels: channels per level.
-        tau, loss_weight, backend: those of `CWDLoss`.
+        student_channels: the student's channels per level.
+        teacher_channels: the teacher's channels per level.
+        tau: the softmax temperature of `CWDLoss`.
+        loss_weight: the weight of `CWDLoss`.
+        backend: the backend of `CWDLoss`.
     """
 
     def __init__(

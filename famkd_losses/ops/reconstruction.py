@@ -50,7 +50,8 @@ def reconstruction_error(
         fusion_logits: theta (B,), the (S, B) matrix of a multi-scale loss with ``row``, or None
             for one branch.
         target: T (N, C, H, W), no gradient.
-        a_sp, a_ch: spatial (N, 1, H, W) and channel (N, C, 1, 1) weights, or None (read as 1).
+        a_sp: spatial weights (N, 1, H, W), or None (read as 1).
+        a_ch: channel weights (N, C, 1, 1), or None (read as 1).
         scale: the loss weight (fused: applied to the kernel's partial sums, no extra launch).
         row: which row of ``fusion_logits`` is theta.
     """
