@@ -81,13 +81,13 @@ def _target_lines(table: dict) -> list[str]:
         cells = table.get((case, workload, dtype, pass_), {})
         tri = cells.get("triton")
         value = None
-        if tri and what.startswith("triton vs "):
+        if what.startswith("triton vs "):  # a speed-up: higher is better
             other = cells.get(what.split()[-1])
-            value = other["median_ms"] / tri["median_ms"] if other else None
+            value = other["median_ms"] / tri["median_ms"] if tri and other else None
             ok = None if value is None else value >= threshold
             shown = _fmt(value, ".2f", "x")
             need = f">= {threshold}x"
-        else:
+        else:  # a memory ratio: lower is better
             eager = cells.get("eager")
             if tri and eager and tri.get("peak_mem_mb") is not None and eager.get("peak_mem_mb"):
                 value = tri["peak_mem_mb"] / eager["peak_mem_mb"]

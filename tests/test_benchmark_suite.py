@@ -40,3 +40,18 @@ def test_benchmarks_run_as_plain_tests_with_benchmark_disable(tmp_path: Path) ->
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "6 passed" in run.stdout, run.stdout[-2000:]
     assert not out.exists(), "a --benchmark-disable run wrote timing results"
+
+
+def test_speed_targets_read_missing_rows_as_not_measured(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from plot import TARGET_KEY, _target_lines
+
+    case, dtype, pass_ = TARGET_KEY
+    key = (case, "famkd_feature_nogen", dtype, pass_)
+    lines = _target_lines({key: {"eager": {"median_ms": 8.0, "peak_mem_mb": 100.0}}})
+    assert "- famkd_feature_nogen: triton vs eager - (target >= 4.0x): not measured" in lines
+    assert "- famkd_feature_nogen: triton peak memory / eager's - (target <= 0.5): not measured" in lines
+    eager, triton = {"median_ms": 8.0, "peak_mem_mb": 100.0}, {"median_ms": 4.0, "peak_mem_mb": 60.0}
+    lines = _target_lines({key: {"eager": eager, "triton": triton}})
+    assert "- famkd_feature_nogen: triton vs eager 2.00x (target >= 4.0x): missed" in lines
+    assert "- famkd_feature_nogen: triton peak memory / eager's 0.60 (target <= 0.5): missed" in lines

@@ -84,15 +84,15 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="plateau: which groups of runs, comma-separated, of main (student, + MGD, + FAMKD over the seeds, "
         "+ FGD), ablation (FAMKD's scales and branches, val), diagnosis (FAMKD with a decaying distillation "
-        "weight, its two parts alone) and length (student, + FAMKD, + MGD at twice the students' schedule); "
-        "default main,ablation",
+        "weight, its two parts alone, a logits term at 0.1x) and length (student, + FAMKD, + MGD at twice the "
+        "students' schedule); default main,ablation",
     )
     p.add_argument(
         "--methods",
         default=None,
-        help="plateau: the runs of the main and length parts, comma-separated (default: main student,famkd,mgd,fgd "
-        "with fgd over the first seed only; length student,famkd,mgd); e.g. famkd_feature to add FAMKD's feature "
-        "part",
+        help="plateau: the runs of the main and length parts, comma-separated (default: main "
+        "student,famkd,mgd,fgd; length student,famkd,mgd; fgd over the first seed only, in both parts); "
+        "e.g. famkd_feature to add FAMKD's feature part",
     )
     p.add_argument(
         "--length-seeds",

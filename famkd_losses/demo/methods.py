@@ -142,7 +142,7 @@ def build_distiller(
     teacher_channels: list[int],
     num_classes: int,
     probe: Callable[[], tuple[DetectorOutputs, DetectorOutputs, Tensor]],
-    fraction: float,
+    fraction: float | Mapping[str, float],
     seed: int,
     options: Mapping[str, Any] | None = None,
     device: torch.device | str = "cpu",
@@ -152,8 +152,9 @@ def build_distiller(
 
     ``probe()`` runs the student (train mode, graph not needed) and the teacher on the first
     training batch and returns ``(student_outputs, teacher_outputs, detection_loss)``.
-    ``backend`` goes to every loss module (``"auto"``: the fused Triton kernels on CUDA when
-    triton is importable, the PyTorch reference otherwise).
+    ``fraction``: what each term starts at, as a fraction of that detection loss (one for all
+    terms, or one per term name). ``backend`` goes to every loss module (``"auto"``: the fused
+    Triton kernels on CUDA when triton is importable, the PyTorch reference otherwise).
     """
     spec = METHODS[key]
     opts = {**FAMKD_DEFAULTS, **(options or {})}

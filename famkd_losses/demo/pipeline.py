@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -185,11 +185,14 @@ class _Runner:
         eval_every: int = 0,
         teacher_cache: Callable | None = None,
         kd_decay: bool = False,
+        fraction: float | Mapping[str, float] | None = None,
     ) -> dict:
         """Train one student (alone, or with method ``key``) and evaluate it on ``eval_splits``.
 
         ``eval_every > 0`` also scores it on the val split every ``eval_every`` iterations
-        (``run["eval_curve"]``); ``teacher_cache`` and ``kd_decay`` are handed to `train`."""
+        (``run["eval_curve"]``); ``teacher_cache`` and ``kd_decay`` are handed to `train`. ``fraction``:
+        what each distillation term starts at, as a fraction of the detection loss (one for all or
+        one per term; default ``kd_fraction``)."""
         cfg = self.cfg
         tcfg = self.train_cfg(cfg.student_iters, seed)
         torch.manual_seed(seed)
@@ -204,7 +207,7 @@ class _Runner:
                 teacher_channels=ch_t,
                 num_classes=self.student_cfg.num_classes,
                 probe=probe_batch(student, teacher, splits["train"], tcfg, cfg.device),
-                fraction=cfg.kd_fraction,
+                fraction=cfg.kd_fraction if fraction is None else fraction,
                 seed=seed,
                 options=options,
                 device=cfg.device,

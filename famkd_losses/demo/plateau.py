@@ -12,9 +12,11 @@ where each run levels off:
 - the student alone, + MGD and + FAMKD over ``seeds`` seeds (mean, std and the paired per-seed
   differences), + FGD over ``fgd_seeds`` seeds; then FAMKD's two main choices (``scales`` and
   ``branches``) re-checked at this schedule on the val split (first seed);
-- optionally (``length``) the student alone, + FAMKD and + MGD at ``length_factor`` times the
-  students' schedule (first seed): whether the plain student's ceiling is higher than the
-  long schedule shows, and whether FAMKD's gain survives a longer schedule.
+- optionally (``diagnosis``) where FAMKD's gain comes from: its two parts on their own, a decaying
+  distillation weight, and a lighter logits term (first seed);
+- optionally (``length``) the same runs at ``length_factor`` times the students' schedule over
+  ``length_seeds`` seeds (FGD over ``fgd_seeds``): whether the plain student's ceiling is higher
+  than the long schedule shows, and whether each method's gain survives a longer schedule.
 
 The teacher is fixed and the canvases are not augmented, so its outputs on the training split
 are computed once and reused by every distilled run (`TeacherCache`).
@@ -35,7 +37,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -57,14 +59,23 @@ ABLATION: tuple[dict[str, Any], ...] = (
     {"branches": ("spatial",)},
     {"branches": ("spatial", "channel")},
 )
-# Where FAMKD's gain at the plateau comes from (first seed): (method, kd_decay). A distillation
-# weight calibrated at the start stays fixed while the detection loss falls; decaying it with the
-# learning rate tests whether the late, relatively heavier term holds the student back. The two
-# parts on their own say which carries the gain.
-DIAGNOSIS: tuple[tuple[str, bool], ...] = (("famkd", True), ("famkd_feature", False), ("famkd_logits", False))
+# Where FAMKD's gain at the plateau comes from (first seed): (method, kd_decay, term scales). A
+# distillation weight calibrated at the start stays fixed while the detection loss falls; decaying it
+# with the learning rate tests whether the late, relatively heavier term holds the student back. The
+# two parts on their own say which carries the gain; a term scale (its start at that multiple of
+# ``kd_fraction`` x the detection loss, the other terms unchanged) says whether a lighter logits term
+# still costs accuracy or only too heavy a one does.
+DIAGNOSIS: tuple[tuple[str, bool, dict[str, float] | None], ...] = (
+    ("famkd", True, None),
+    ("famkd_feature", False, None),
+    ("famkd_logits", False, None),
+    ("famkd_logits", False, {"logits": 0.1}),
+    ("famkd", False, {"logits": 0.1}),
+)
 # The runs repeated at `length_factor` x the students' schedule (first seed); the plain student first.
 LENGTH: tuple[str, ...] = ("student", "famkd", "mgd")
-# The main part's runs over the seeds (FGD over the first `PlateauConfig.fgd_seeds` only).
+# The main part's runs over the seeds (FGD over the first `PlateauConfig.fgd_seeds` only, here and
+# in the length part).
 MAIN: tuple[str, ...] = ("student", "famkd", "mgd", "fgd")
 # What must match for an earlier results.json's runs to be reused (`PlateauConfig.resume`).
 _RESUME_KEYS = (
@@ -107,7 +118,7 @@ class PlateauConfig:
     ablation: bool = True
     ablation_variants: int | None = None  # the first this many of `ABLATION` (None: all)
     diagnosis: bool = False  # the `DIAGNOSIS` runs (first seed)
-    length: bool = False  # `LENGTH` (or `methods`) at `length_factor` x `student_iters`
+    length: bool = False  # `LENGTH` (or `methods`) at `length_factor` x `student_iters`, FGD over `fgd_seeds`
     length_factor: int = 2
     length_seeds: int = 1  # the longer runs over the first this many seeds
     resume: bool = False  # reuse the finished runs of ``out/results.json``
@@ -194,6 +205,18 @@ class TeacherCache:
         )
 
 
+class _Planned(NamedTuple):
+    """One run of the plan: what decides its result, and the part (``role``) it was planned in."""
+
+    key: str
+    seed: int
+    role: str
+    options: dict | None  # FAMKD options changed from the defaults
+    kd_decay: bool
+    iterations: int
+    fractions: dict[str, float] | None = None  # per-term start fractions (None: ``kd_fraction`` each)
+
+
 def plateau_gain(curve: Sequence[tuple[int, dict]], metric: str = "AP") -> float | None:
     """``metric`` gained over the last quarter of a run: the last point minus the curve at 3/4 of
     the last point's iteration (linear between the evaluation points around it)."""
@@ -210,13 +233,29 @@ def plateau_gain(curve: Sequence[tuple[int, dict]], metric: str = "AP") -> float
     return None
 
 
-def _label(key: str, options: dict | None, kd_decay: bool = False, iterations: int | None = None) -> str:
-    """A run's name in tables and legends; ``iterations`` where it differs from the students' schedule."""
+def _label(
+    key: str,
+    options: dict | None,
+    kd_decay: bool = False,
+    iterations: int | None = None,
+    fractions: dict[str, float] | None = None,
+) -> str:
+    """A run's name in tables and legends; ``iterations`` where it differs from the students' schedule,
+    ``fractions`` where some term starts at another fraction of the detection loss than the rest."""
     base = "student alone" if key == "student" else METHODS[key].label
     if options:
         base += " (" + ", ".join(f"{k}={list(v) if isinstance(v, tuple) else v}" for k, v in options.items()) + ")"
     base += ", distillation weight decayed to 0 (cosine)" if kd_decay else ""
+    if fractions:
+        base += "".join(f", {name} term at {f:g} x the detection loss" for name, f in fractions.items())
     return base + (f", {iterations} iterations" if iterations else "")
+
+
+def _term_fractions(key: str, scales: dict[str, float] | None, kd_fraction: float) -> dict[str, float] | None:
+    """Every term's start fraction when ``scales`` changes some (None when it changes none)."""
+    if not scales:
+        return None
+    return {name: kd_fraction * scales.get(name, 1.0) for name in METHODS[key].terms}
 
 
 def _stats(runs: list[dict], split: str) -> dict[str, tuple[float, float]]:
@@ -233,12 +272,12 @@ def _paired(a: list[dict], b: list[dict]) -> dict | None:
     return {"per_seed": diffs, "mean": mean, "std": std}
 
 
-def summarise(cfg: PlateauConfig, state: dict) -> dict:
-    """Tables of what has run so far: per method mean ± std (test and val), paired differences,
-    plateau checks, the ablation."""
+def _aggregate(runs: list[dict], role: str) -> tuple[list[dict], dict]:
+    """The runs of part ``role`` per method: mean ± std (test and val), plateau checks, and the
+    paired differences of each FAMKD run against the student alone and + MGD."""
     groups: dict[str, list[dict]] = {}
-    for run in state["runs"]:
-        if run["role"] == "main":
+    for run in runs:
+        if run["role"] == role:
             groups.setdefault(run["key"], []).append(run)
     rows = []
     for key, runs in groups.items():
@@ -258,6 +297,14 @@ def summarise(cfg: PlateauConfig, state: dict) -> dict:
         for other in ("student", "mgd"):
             if other in groups:
                 paired[f"{key} - {other}"] = _paired(groups[key], groups[other])
+    return rows, paired
+
+
+def summarise(cfg: PlateauConfig, state: dict) -> dict:
+    """Tables of what has run so far: per method mean ± std (test and val), paired differences and
+    plateau checks (main part and length part), the ablation, the diagnosis."""
+    rows, paired = _aggregate(state["runs"], "main")
+    length_rows, length_paired = _aggregate(state["runs"], "length")
     ablation = [
         {"options": r["options"], "label": r["label"], "val": r["val"]}
         for r in state["runs"]
@@ -287,6 +334,8 @@ def summarise(cfg: PlateauConfig, state: dict) -> dict:
     return {
         "rows": rows,
         "paired": paired,
+        "length_rows": length_rows,
+        "length_paired": length_paired,
         "ablation": ablation,
         "reference": reference,
         "diagnosis": diagnosis,
@@ -328,45 +377,22 @@ def results_markdown(cfg: PlateauConfig, state: dict, tables: dict) -> str:
         "Stopping rule: a run counts as at its plateau when its val AP gains less than "
         f"{cfg.plateau_tol} AP over the last quarter of its decaying schedule.",
         "",
-        "## Students at the long schedule (test split; mean ± sample std over seeds)",
-        "",
-        "| run | seeds | test AP | AP50 | APs | APm | APl | val AP | val AP gained over the last quarter "
-        "(per seed) | median s/it |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    student_val = None
-    for r in tables["rows"]:
-        n = len(r["seeds"])
-        gains = ", ".join("n/a" if g is None else f"{g:+.1f}" for g in r["last_quarter_gain_val"])
-        lines.append(
-            f"| {r['label']} | {', '.join(map(str, r['seeds']))} | {_fmt(r['test']['AP'], n)} | "
-            f"{_fmt(r['test']['AP50'], n)} | {_fmt(r['test']['APs'], n)} | {_fmt(r['test']['APm'], n)} | "
-            f"{_fmt(r['test']['APl'], n)} | {_fmt(r['val']['AP'], n)} | {gains} | {r['s_per_iter']:.3f} |"
+    if tables["length_rows"]:
+        n_long = cfg.student_iters * cfg.length_factor
+        lines += _aggregate_lines(
+            tables["length_rows"],
+            tables["length_paired"],
+            f"{cfg.length_factor}x the students' schedule ({n_long} iterations)",
+            t,
         )
-        if r["key"] == "student":
-            student_val = r
-    lines.append("")
-    if student_val is not None:
-        gap_test = t["test"]["AP"] - student_val["test"]["AP"][0]
-        gap_val = t["val"]["AP"] - student_val["val"]["AP"][0]
-        lines.append(
-            f"Teacher - student gap at the end of the students' schedule: {gap_test:.1f} AP on test, "
-            f"{gap_val:.1f} on val."
-        )
-        lines.append("")
-    if tables["paired"]:
-        lines += ["## Paired differences (test AP, same seed)", ""]
-        lines += ["| difference | per seed | mean ± std |", "|---|---|---:|"]
-        for name, p in tables["paired"].items():
-            if p is None:
-                continue
-            per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in p["per_seed"])
-            lines.append(f"| {name} | {per} | {p['mean']:+.1f} ± {p['std']:.1f} |")
-        lines.append("")
+    schedule = f"the students' schedule ({cfg.student_iters} iterations)"
+    lines += _aggregate_lines(tables["rows"], tables["paired"], schedule, t)
     if tables["ablation"]:
         famkd = next((r for r in state["runs"] if r["role"] == "main" and r["key"] == "famkd"), None)
         lines += [
-            f"## FAMKD's main choices at this schedule (val split, seed {cfg.seed})",
+            f"## FAMKD's main choices at the students' schedule ({cfg.student_iters} iterations; val split, "
+            f"seed {cfg.seed})",
             "",
             "| FAMKD (both) | val AP | val AP50 | val APs | val APm | val APl |",
             "|---|---:|---:|---:|---:|---:|",
@@ -379,8 +405,8 @@ def results_markdown(cfg: PlateauConfig, state: dict, tables: dict) -> str:
             )
         lines.append("")
     sections = (
-        ("diagnosis", "## Where the gain comes from"),
-        ("length", f"## At {cfg.length_factor}x the students' schedule"),
+        ("diagnosis", "## Where the gain comes from (per run)"),
+        ("length", f"## Every run at {cfg.length_factor}x the students' schedule, per seed"),
     )
     for role, heading in sections:
         runs = tables.get(role)
@@ -416,6 +442,43 @@ def results_markdown(cfg: PlateauConfig, state: dict, tables: dict) -> str:
         f"Runs so far: {len(state['runs'])}; wall time {state['wall_s'] / 60:.1f} min.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _aggregate_lines(rows: list[dict], paired: dict, schedule: str, teacher: dict) -> list[str]:
+    """Markdown of `_aggregate`'s tables for one schedule: per method, then the paired differences."""
+    if not rows:
+        return []
+    lines = [
+        f"## Students at {schedule} (test split; mean ± sample std over seeds)",
+        "",
+        "| run | seeds | test AP | AP50 | APs | APm | APl | val AP | val AP gained over the last quarter "
+        "(per seed) | median s/it |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        n = len(r["seeds"])
+        gains = ", ".join("n/a" if g is None else f"{g:+.1f}" for g in r["last_quarter_gain_val"])
+        lines.append(
+            f"| {r['label']} | {', '.join(map(str, r['seeds']))} | {_fmt(r['test']['AP'], n)} | "
+            f"{_fmt(r['test']['AP50'], n)} | {_fmt(r['test']['APs'], n)} | {_fmt(r['test']['APm'], n)} | "
+            f"{_fmt(r['test']['APl'], n)} | {_fmt(r['val']['AP'], n)} | {gains} | {r['s_per_iter']:.3f} |"
+        )
+    lines.append("")
+    student = next((r for r in rows if r["key"] == "student"), None)
+    if student is not None:
+        gap_test = teacher["test"]["AP"] - student["test"]["AP"][0]
+        gap_val = teacher["val"]["AP"] - student["val"]["AP"][0]
+        lines += [f"Teacher - student gap at this schedule: {gap_test:.1f} AP on test, {gap_val:.1f} on val.", ""]
+    if any(p is not None for p in paired.values()):
+        lines += [f"Paired differences at {schedule} (test AP, same seed):", ""]
+        lines += ["| difference | per seed | mean ± std |", "|---|---|---:|"]
+        for name, p in paired.items():
+            if p is None:
+                continue
+            per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in p["per_seed"])
+            lines.append(f"| {name} | {per} | {p['mean']:+.1f} ± {p['std']:.1f} |")
+        lines.append("")
+    return lines
 
 
 def _gain_text(gain: float | None, tol: float) -> str:
@@ -476,10 +539,18 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     log(f"  teacher: val AP {t_val['AP']:.1f}, test AP {t_test['AP']:.1f}")
     cache = TeacherCache(teacher, splits["train"], cfg.device)
 
-    def one(key: str, seed: int, role: str, options: dict | None, kd_decay: bool, iterations: int) -> dict:
+    def one(
+        key: str,
+        seed: int,
+        role: str,
+        options: dict | None,
+        kd_decay: bool,
+        iterations: int,
+        fractions: dict[str, float] | None = None,
+    ) -> dict:
         if cfg.jobs > 1:
             torch.set_num_threads(max(1, threads // cfg.jobs))
-        label = _label(key, options, kd_decay, None if iterations == cfg.student_iters else iterations)
+        label = _label(key, options, kd_decay, None if iterations == cfg.student_iters else iterations, fractions)
         run = runner.student_run(
             key,
             seed,
@@ -492,31 +563,24 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
             eval_every=max(1, iterations // cfg.eval_points),
             teacher_cache=cache,
             kd_decay=kd_decay,
+            fraction=fractions,
         )
         run.pop("curves")
         run["test"] = run.pop("metrics")
         run.update(key=key, role=role, options=options or {}, kd_decay=kd_decay, label=label)
+        if fractions:
+            run["fractions"] = fractions
         return run
 
     threads = torch.get_num_threads()
     state["student_params"] = num_parameters(runner.build_student())
-    n = cfg.student_iters
-    plan: list[tuple] = []  # (key, seed, role, options, kd_decay, iterations)
-    for i, seed in enumerate(cfg.seed + k for k in range(cfg.seeds) if cfg.main):
-        main = cfg.methods or MAIN
-        plan += [(key, seed, "main", None, False, n) for key in main if key != "fgd" or i < cfg.fgd_seeds]
-    if cfg.ablation:
-        plan += [("famkd", cfg.seed, "ablation", change, False, n) for change in ABLATION[: cfg.ablation_variants]]
-    if cfg.diagnosis:
-        plan += [(key, cfg.seed, "diagnosis", None, decay, n) for key, decay in DIAGNOSIS]
-    if cfg.length:
-        for seed in range(cfg.seed, cfg.seed + cfg.length_seeds):
-            plan += [(key, seed, "length", None, False, n * cfg.length_factor) for key in cfg.methods or LENGTH]
+    plan = _plan(cfg)
     earlier, earlier_wall = _earlier_runs(cfg, state) if cfg.resume else ([], 0.0)
     done = _reuse(plan, earlier)
     if earlier:
         log(f"  resumed {plural(len(earlier), 'finished run')} from {out / 'results.json'}")
-    todo = [(i, item) for i, item in enumerate(plan) if i not in done]
+    # the longest runs first: with several jobs, the last to finish is then a short one
+    todo = sorted(((i, item) for i, item in enumerate(plan) if i not in done), key=lambda t: -t[1].iterations)
 
     def record(i: int | None = None, run: dict | None = None) -> dict:
         if i is not None:
@@ -540,10 +604,43 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
     return record()
 
 
-def _plan_item(run: dict) -> tuple:
+def _plan(cfg: PlateauConfig) -> list[_Planned]:
+    """Every run ``cfg`` asks for, part by part, in report order."""
+    n = cfg.student_iters
+    plan: list[_Planned] = []
+    for i, seed in enumerate(cfg.seed + k for k in range(cfg.seeds) if cfg.main):
+        main = cfg.methods or MAIN
+        plan += [_Planned(key, seed, "main", None, False, n) for key in main if key != "fgd" or i < cfg.fgd_seeds]
+    if cfg.ablation:
+        changes = ABLATION[: cfg.ablation_variants]
+        plan += [_Planned("famkd", cfg.seed, "ablation", change, False, n) for change in changes]
+    if cfg.diagnosis:
+        plan += [
+            _Planned(key, cfg.seed, "diagnosis", None, decay, n, _term_fractions(key, scales, cfg.kd_fraction))
+            for key, decay, scales in DIAGNOSIS
+        ]
+    if cfg.length:
+        for i, seed in enumerate(range(cfg.seed, cfg.seed + cfg.length_seeds)):
+            plan += [
+                _Planned(key, seed, "length", None, False, n * cfg.length_factor)
+                for key in cfg.methods or LENGTH
+                if key != "fgd" or i < cfg.fgd_seeds
+            ]
+    return plan
+
+
+def _plan_item(run: dict) -> _Planned:
     """The plan entry a finished run answers (options as the plan spells them: tuples)."""
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in run["options"].items()} or None
-    return (run["key"], run["seed"], run["role"], options, run.get("kd_decay", False), run["iterations"])
+    return _Planned(
+        run["key"],
+        run["seed"],
+        run["role"],
+        options,
+        run.get("kd_decay", False),
+        run["iterations"],
+        run.get("fractions"),
+    )
 
 
 def _reuse(plan: list[tuple], earlier: list[dict]) -> dict[int, dict]:
@@ -561,10 +658,9 @@ def _reuse(plan: list[tuple], earlier: list[dict]) -> dict[int, dict]:
     return done
 
 
-def _identity(item: tuple) -> tuple:
+def _identity(item: _Planned) -> tuple:
     """What decides a run's result: its plan entry without the part (role) it was planned in."""
-    key, seed, _role, options, kd_decay, iterations = item
-    return (key, seed, options, kd_decay, iterations)
+    return item._replace(role="")
 
 
 def _earlier_runs(cfg: PlateauConfig, state: dict) -> tuple[list[dict], float]:

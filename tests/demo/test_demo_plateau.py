@@ -143,22 +143,71 @@ def test_quick_plateau_end_to_end(tmp_path):
     assert [it for it, _ in longer[0]["eval_curve"]] == [30, 60]
     assert [e["key"] for e in resumed["tables"]["reference"]] == ["student", "famkd", "mgd"]
     assert resumed["wall_s"] > summary["wall_s"]
-    assert "At 2x the students' schedule" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "Students at 2x the students' schedule (60 iterations" in md
+    assert md.index("(60 iterations") < md.index("(30 iterations")  # the longer schedule leads
+    assert "Every run at 2x the students' schedule, per seed" in md
+    assert [r["key"] for r in resumed["tables"]["length_rows"]] == ["student", "famkd", "mgd"]
+    assert [s for s, _ in resumed["tables"]["length_paired"]["famkd - student"]["per_seed"]] == [0]
 
 
 def test_resume_reuses_a_run_trained_under_another_part():
-    from famkd_losses.demo.plateau import _reuse
+    from famkd_losses.demo.plateau import _Planned, _reuse
 
     def run(key, seed, role):
         return {"key": key, "seed": seed, "role": role, "options": {}, "kd_decay": False, "iterations": 30}
 
-    plan = [(k, s, "main", None, False, 30) for s in (0, 1) for k in ("student", "famkd_feature")]
+    plan = [_Planned(k, s, "main", None, False, 30) for s in (0, 1) for k in ("student", "famkd_feature")]
     earlier = [run("student", 0, "main"), run("famkd_feature", 0, "diagnosis"), run("famkd", 0, "ablation")]
     done = _reuse(plan, earlier)
     assert sorted(done) == [-2, -1, 0, 1]  # slots 2, 3 (seed 1) are still to train
     assert done[0] is earlier[0]
     assert done[1] == {**earlier[1], "role": "main"}  # the diagnosis run serves the main part too...
     assert done[-2] is earlier[1] and done[-1] is earlier[2]  # ...and stays where it was
+
+
+def test_resume_tells_runs_apart_by_their_term_fractions():
+    from famkd_losses.demo.plateau import _Planned, _reuse
+
+    base = {"key": "famkd_logits", "seed": 0, "role": "diagnosis", "options": {}, "kd_decay": False, "iterations": 30}
+    plan = [_Planned("famkd_logits", 0, "diagnosis", None, False, 30, {"logits": 0.1})]
+    assert sorted(_reuse(plan, [base])) == [-1]  # the full-weight run does not answer the lighter one
+    assert _reuse(plan, [{**base, "fractions": {"logits": 0.1}}]) == {0: {**base, "fractions": {"logits": 0.1}}}
+
+
+def test_plan_lighter_logits_terms_and_fgd_over_its_seeds_in_every_part():
+    from famkd_losses.demo.plateau import PlateauConfig, _label, _plan
+
+    cfg = PlateauConfig(
+        seeds=2, fgd_seeds=1, kd_fraction=0.5, main=False, ablation=False, diagnosis=True, length=True,
+        length_seeds=2, methods=("student", "fgd"),
+    )  # fmt: skip
+    plan = _plan(cfg)
+    diagnosis = [p for p in plan if p.role == "diagnosis"]
+    lighter = [(p.key, p.fractions) for p in diagnosis if p.fractions]
+    assert lighter == [("famkd_logits", {"logits": 0.05}), ("famkd", {"feature": 0.5, "logits": 0.05})]
+    assert all(p.seed == 0 and p.iterations == 3000 for p in diagnosis)
+    assert [(p.key, p.seed, p.iterations) for p in plan if p.role == "length"] == [
+        ("student", 0, 6000),
+        ("fgd", 0, 6000),
+        ("student", 1, 6000),
+    ]
+    label = _label("famkd", None, fractions={"feature": 0.5, "logits": 0.05})
+    assert label.endswith("feature term at 0.5 x the detection loss, logits term at 0.05 x the detection loss")
+
+
+def test_a_per_term_fraction_sets_each_terms_start(small_data):
+    torch.manual_seed(0)
+    student = build_detector(DetectorConfig(backbone=STUDENT))
+    teacher = build_detector(DetectorConfig(backbone=STUDENT)).eval()
+    cfg = TrainConfig(iterations=2, batch_size=4, warmup=1)
+    ch = [STUDENT.fpn_channels] * 5
+    probe = probe_batch(student, teacher, small_data["train"], cfg, "cpu")
+    common = dict(student_channels=ch, teacher_channels=ch, num_classes=10, probe=probe, seed=0)
+    one = build_distiller("famkd", fraction=1.0, **common)
+    mixed = build_distiller("famkd", fraction={"feature": 1.0, "logits": 0.1}, **common)
+    assert mixed.weights["feature"] == pytest.approx(one.weights["feature"])
+    assert mixed.weights["logits"] == pytest.approx(0.1 * one.weights["logits"])
 
 
 def test_resume_refuses_results_of_other_settings(tmp_path):
