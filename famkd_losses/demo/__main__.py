@@ -101,6 +101,12 @@ def _parser() -> argparse.ArgumentParser:
         help="plateau: the length part over the first N training seeds (default 1)",
     )
     p.add_argument(
+        "--ablation-factor",
+        type=int,
+        default=None,
+        help="plateau: the ablation part at N x the students' schedule (default 1; 2: the length part's)",
+    )
+    p.add_argument(
         "--resume",
         action="store_true",
         help="plateau: reuse the finished runs of --out's results.json (same sizes and schedule) and train only "
@@ -218,6 +224,7 @@ def _plateau(args: argparse.Namespace, start: float) -> int:
         resume=args.resume,
         methods=_plateau_methods(args.methods),
         length_seeds=args.length_seeds,
+        ablation_factor=args.ablation_factor,
         **_shared_options(args),
         **_plateau_parts(args.parts),
     )

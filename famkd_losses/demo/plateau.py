@@ -117,6 +117,7 @@ class PlateauConfig:
     methods: tuple[str, ...] | None = None  # the runs of the main and length parts instead of `MAIN`, `LENGTH`
     ablation: bool = True
     ablation_variants: int | None = None  # the first this many of `ABLATION` (None: all)
+    ablation_factor: int = 1  # the ablation at this many x `student_iters` (`length_factor`: the length part's)
     diagnosis: bool = False  # the `DIAGNOSIS` runs (first seed)
     length: bool = False  # `LENGTH` (or `methods`) at `length_factor` x `student_iters`, FGD over `fgd_seeds`
     length_factor: int = 2
@@ -306,7 +307,7 @@ def summarise(cfg: PlateauConfig, state: dict) -> dict:
     rows, paired = _aggregate(state["runs"], "main")
     length_rows, length_paired = _aggregate(state["runs"], "length")
     ablation = [
-        {"options": r["options"], "label": r["label"], "val": r["val"]}
+        {"options": r["options"], "label": r["label"], "val": r["val"], "iterations": r["iterations"]}
         for r in state["runs"]
         if r["role"] == "ablation"
     ]
@@ -388,17 +389,27 @@ def results_markdown(cfg: PlateauConfig, state: dict, tables: dict) -> str:
         )
     schedule = f"the students' schedule ({cfg.student_iters} iterations)"
     lines += _aggregate_lines(tables["rows"], tables["paired"], schedule, t)
-    if tables["ablation"]:
-        famkd = next((r for r in state["runs"] if r["role"] == "main" and r["key"] == "famkd"), None)
+    for iterations in sorted({a["iterations"] for a in tables["ablation"]}, reverse=True):
+        # read against FAMKD with its defaults, same seed and schedule (from the main or the length part)
+        famkd = next(
+            (
+                r
+                for r in state["runs"]
+                if r["role"] in ("main", "length")
+                and r["key"] == "famkd"
+                and r["seed"] == cfg.seed
+                and r["iterations"] == iterations
+            ),
+            None,
+        )
         lines += [
-            f"## FAMKD's main choices at the students' schedule ({cfg.student_iters} iterations; val split, "
-            f"seed {cfg.seed})",
+            f"## FAMKD's main choices at {iterations} iterations (val split, seed {cfg.seed})",
             "",
             "| FAMKD (both) | val AP | val AP50 | val APs | val APm | val APl |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        entries = ([{"label": "defaults", "val": famkd["val"]}] if famkd else []) + tables["ablation"]
-        for a in entries:
+        changed = [a for a in tables["ablation"] if a["iterations"] == iterations]
+        for a in ([{"label": "defaults", "val": famkd["val"]}] if famkd else []) + changed:
             m = a["val"]
             lines.append(
                 f"| {a['label']} | {m['AP']:.1f} | {m['AP50']:.1f} | {m['APs']:.1f} | {m['APm']:.1f} | {m['APl']:.1f} |"
@@ -613,7 +624,8 @@ def _plan(cfg: PlateauConfig) -> list[_Planned]:
         plan += [_Planned(key, seed, "main", None, False, n) for key in main if key != "fgd" or i < cfg.fgd_seeds]
     if cfg.ablation:
         changes = ABLATION[: cfg.ablation_variants]
-        plan += [_Planned("famkd", cfg.seed, "ablation", change, False, n) for change in changes]
+        n_ablation = n * cfg.ablation_factor
+        plan += [_Planned("famkd", cfg.seed, "ablation", change, False, n_ablation) for change in changes]
     if cfg.diagnosis:
         plan += [
             _Planned(key, cfg.seed, "diagnosis", None, decay, n, _term_fractions(key, scales, cfg.kd_fraction))

@@ -192,6 +192,8 @@ def test_plan_lighter_logits_terms_and_fgd_over_its_seeds_in_every_part():
         ("fgd", 0, 6000),
         ("student", 1, 6000),
     ]
+    ablation = _plan(PlateauConfig(main=False, ablation_factor=2, ablation_variants=2))
+    assert [(p.key, p.role, p.iterations, p.seed) for p in ablation] == [("famkd", "ablation", 6000, 0)] * 2
     label = _label("famkd", None, fractions={"feature": 0.5, "logits": 0.05})
     assert label.endswith("feature term at 0.5 x the detection loss, logits term at 0.05 x the detection loss")
 
@@ -222,3 +224,36 @@ def test_resume_refuses_results_of_other_settings(tmp_path):
         _earlier_runs(cfg, state)
     (tmp_path / "results.json").write_text(json.dumps({"config": cfg.to_dict(), "runs": [{"key": "s"}], "wall_s": 5}))
     assert _earlier_runs(cfg, state) == ([{"key": "s"}], 5.0)
+
+
+def test_report_reads_each_ablation_against_famkd_at_its_own_schedule():
+    from famkd_losses.demo.evaluate import METRICS
+    from famkd_losses.demo.plateau import PlateauConfig, results_markdown, summarise
+
+    def run(key, role, iterations, ap, options=None):
+        m = dict.fromkeys(METRICS, ap)
+        curve = [(iterations // 2, m), (iterations, m)]
+        return {"key": key, "role": role, "seed": 0, "iterations": iterations, "options": options or {},
+                "label": f"{key} {role} {iterations}", "val": m, "test": m, "eval_curve": curve,
+                "median_step_s": 0.1}  # fmt: skip
+
+    runs = [
+        run("student", "main", 30, 50.0),
+        run("famkd", "main", 30, 51.0),
+        run("famkd", "ablation", 30, 52.0, {"scales": [1, 2, 4]}),
+        run("student", "length", 60, 53.0),
+        run("famkd", "length", 60, 54.0),
+        run("famkd", "ablation", 60, 55.0, {"scales": [1, 2, 4]}),
+    ]
+    m = dict.fromkeys(METRICS, 70.0)
+    state = {"teacher": {"params": 1e6, "val": m, "test": m, "last_quarter_gain_val": 0.1}, "runs": runs,
+             "device": "cpu", "versions": {"torch": "x"}, "data": "d", "train_canvases": 100, "student_params": 1e5,
+             "wall_s": 60.0}  # fmt: skip
+    cfg = PlateauConfig(student_iters=30)
+    md = results_markdown(cfg, state, summarise(cfg, state))
+    at_60 = md[md.index("## FAMKD's main choices at 60 iterations") :]
+    at_30 = md[md.index("## FAMKD's main choices at 30 iterations") :]
+    assert md.index("at 60 iterations") < md.index("at 30 iterations")
+    assert "| defaults | 54.0 |" in at_60.split("\n\n")[1] and "| famkd ablation 60 | 55.0 |" in at_60
+    assert "| defaults | 51.0 |" in at_30.split("\n\n")[1] and "| famkd ablation 30 | 52.0 |" in at_30
+    assert "| famkd - student | seed 0: +1.0 | +1.0 ± 0.0 |" in md
