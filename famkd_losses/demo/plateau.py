@@ -275,7 +275,8 @@ def _paired(a: list[dict], b: list[dict]) -> dict | None:
 
 def _aggregate(runs: list[dict], role: str) -> tuple[list[dict], dict]:
     """The runs of part ``role`` per method: mean ± std (test and val), plateau checks, and the
-    paired differences of each FAMKD run against the student alone and + MGD."""
+    paired differences of every distilled run against the student alone and of each FAMKD run
+    against + MGD."""
     groups: dict[str, list[dict]] = {}
     for run in runs:
         if run["role"] == role:
@@ -294,8 +295,8 @@ def _aggregate(runs: list[dict], role: str) -> tuple[list[dict], dict]:
             }
         )
     paired = {}
-    for key in (k for k in groups if k.startswith("famkd")):
-        for other in ("student", "mgd"):
+    for key in (k for k in groups if k != "student"):
+        for other in ("student", "mgd") if key.startswith("famkd") else ("student",):
             if other in groups:
                 paired[f"{key} - {other}"] = _paired(groups[key], groups[other])
     return rows, paired
