@@ -461,7 +461,7 @@ def _aggregate_lines(rows: list[dict], paired: dict, schedule: str, teacher: dic
     if not rows:
         return []
     lines = [
-        f"## Students at {schedule} (test split; mean ± sample std over seeds)",
+        f"## Students at {schedule}: test split, mean ± sample std over seeds",
         "",
         "| run | seeds | test AP | AP50 | APs | APm | APl | val AP | val AP gained over the last quarter "
         "(per seed) | median s/it |",
@@ -482,13 +482,14 @@ def _aggregate_lines(rows: list[dict], paired: dict, schedule: str, teacher: dic
         gap_val = teacher["val"]["AP"] - student["val"]["AP"][0]
         lines += [f"Teacher - student gap at this schedule: {gap_test:.1f} AP on test, {gap_val:.1f} on val.", ""]
     if any(p is not None for p in paired.values()):
-        lines += [f"Paired differences at {schedule} (test AP, same seed):", ""]
+        lines += [f"Paired differences at {schedule}, test AP, same seed:", ""]
         lines += ["| difference | per seed | mean ± std |", "|---|---|---:|"]
         for name, p in paired.items():
             if p is None:
                 continue
             per = ", ".join(f"seed {s}: {d:+.1f}" for s, d in p["per_seed"])
-            lines.append(f"| {name} | {per} | {p['mean']:+.1f} ± {p['std']:.1f} |")
+            spread = f" ± {p['std']:.1f}" if len(p["per_seed"]) > 1 else ""
+            lines.append(f"| {name} | {per} | {p['mean']:+.1f}{spread} |")
         lines.append("")
     return lines
 
@@ -709,5 +710,6 @@ def _plot_title(cfg: PlateauConfig, state: dict) -> str:
     quick = " (quick smoke run, not evidence)" if cfg.quick else ""
     return (
         f"FCOS on digit canvases: val AP during training{quick}\n"
-        f"students {cfg.student_iters} it, teacher {cfg.teacher_iters} it, cosine to 0; {state['device']}"
+        f"students {' and '.join(map(str, sorted({r['iterations'] for r in state['runs']} or {cfg.student_iters})))} it, "
+        f"teacher {cfg.teacher_iters} it, cosine to 0; {state['device']}"
     )

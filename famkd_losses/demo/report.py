@@ -737,43 +737,64 @@ def plot_attention(
     return paths
 
 
+# The students' panels of `plot_val_curves`: (title, the run roles drawn there).
+_VAL_PANELS = (
+    ("students: the methods (one line per seed)", ("main", "length")),
+    ("students: FAMKD's options and the diagnosis", ("ablation", "diagnosis")),
+)
+
+
 def plot_val_curves(
     curves: Sequence[tuple[str, str, Sequence[tuple[int, dict]], str]], path: Path, *, title: str, metric: str = "AP"
 ) -> None:
     """Val ``metric`` against iteration, one line per run: ``(method key, label, curve, role)``, a curve
-    being ``[(iteration, metrics), ...]``. A method's seeds share its colour and its legend entry;
-    runs of role ``"ablation"``, ``"diagnosis"`` or ``"length"`` are dashed; the teacher is drawn on its
-    own iteration axis (left)."""
+    being ``[(iteration, metrics), ...]``. The teacher is drawn on its own axis (left); the methods
+    (roles ``"main"`` and ``"length"``) in the middle; FAMKD's options and the diagnosis (roles
+    ``"ablation"``, ``"diagnosis"``) on the right when there are any. A method's seeds share its
+    colour and its legend entry; every run but the main ones is dashed or dotted, one style per label.
+    The students' y axes start just below the lowest score after the first third of the longest run,
+    so the plateaus are readable (the early points run off the bottom)."""
     plt = _plt()
-    fig, (ax_t, ax) = plt.subplots(1, 2, figsize=(16, 5.5), gridspec_kw={"width_ratios": [1, 2.2]})
-    seen: set[str] = set()
+    panels = [(t, roles) for t, roles in _VAL_PANELS if any(c[3] in roles and c[2] for c in curves)]
+    widths = [1.0] + [2.0] * len(panels)
+    fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 + 7 * len(panels), 7), gridspec_kw={"width_ratios": widths})
+    ax_t, student_axes = axes[0], list(axes[1:])
     styles = ["--", ":", "-."]
-    dashed: dict[str, str] = {}  # one line style per label of the extra runs (its seeds share it)
-    for key, label, curve, role in curves:
-        if not curve:
-            continue
-        its = [p[0] for p in curve]
-        vals = [p[1][metric] for p in curve]
-        target = ax_t if key == "teacher" else ax
-        ls = "-"
-        if role in ("ablation", "diagnosis", "length"):
-            ls = dashed.setdefault(label, styles[len(dashed) % len(styles)])
-        legend = None if label in seen else label
-        seen.add(label)
-        target.plot(its, vals, ls=ls, marker="o", ms=3, lw=1.3, color=method_color(key), label=legend, alpha=0.9)
+    for (panel_title, roles), ax in zip(panels, student_axes):
+        seen: set[str] = set()
+        dashed: dict[str, str] = {}  # one line style per label of the extra runs (its seeds share it)
+        late: list[float] = []
+        last_it = max(c[2][-1][0] for c in curves if c[2] and c[3] in roles)
+        for key, label, curve, role in curves:
+            if not curve or role not in roles:
+                continue
+            late += [p[1][metric] for p in curve if p[0] >= last_it / 3]
+            ls = "-" if role == "main" else dashed.setdefault(label, styles[len(dashed) % len(styles)])
+            its, vals = [p[0] for p in curve], [p[1][metric] for p in curve]
+            legend = None if label in seen else label
+            seen.add(label)
+            ax.plot(its, vals, ls=ls, marker="o", ms=3, lw=1.3, color=method_color(key), label=legend, alpha=0.9)
+        ax.set(title=panel_title, xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
+        if late:
+            teacher_final = [c[2][-1][1][metric] for c in curves if c[0] == "teacher" and c[2]]
+            ax.set_ylim(min(late) - 2.0, max(late + teacher_final) + 1.0)
     teacher = [c for c in curves if c[0] == "teacher" and c[2]]
     if teacher:
-        final = teacher[0][2][-1][1][metric]
-        ax.axhline(final, ls=":", lw=1.2, color=method_color("teacher"), label=f"teacher, final ({final:.1f})")
+        curve = teacher[0][2]
+        ax_t.plot([p[0] for p in curve], [p[1][metric] for p in curve], marker="o", ms=3, lw=1.3,
+                  color=method_color("teacher"), label="teacher")  # fmt: skip
+        final = curve[-1][1][metric]
+        for ax in student_axes:
+            ax.axhline(final, ls=":", lw=1.2, color=method_color("teacher"), label=f"teacher, final ({final:.1f})")
     ax_t.set(title="teacher", xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
-    ax.set(title="students (one line per seed)", xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
-    ax_t.grid(alpha=0.3)
+    for ax in axes:
+        ax.grid(alpha=0.3)
     if ax_t.get_legend_handles_labels()[0]:
         ax_t.legend(fontsize=8, loc="lower right")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    for ax in student_axes:
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=2, borderaxespad=0.0)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
