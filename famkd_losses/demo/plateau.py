@@ -708,8 +708,9 @@ def _write(cfg: PlateauConfig, state: dict) -> dict:
 
 def _plot_title(cfg: PlateauConfig, state: dict) -> str:
     quick = " (quick smoke run, not evidence)" if cfg.quick else ""
+    schedules = " and ".join(map(str, sorted({r["iterations"] for r in state["runs"]} or {cfg.student_iters})))
     return (
         f"FCOS on digit canvases: val AP during training{quick}\n"
-        f"students {' and '.join(map(str, sorted({r['iterations'] for r in state['runs']} or {cfg.student_iters})))} it, "
+        f"students {schedules} it, "
         f"teacher {cfg.teacher_iters} it, cosine to 0; {state['device']}"
     )
