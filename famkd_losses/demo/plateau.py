@@ -709,8 +709,9 @@ def _write(cfg: PlateauConfig, state: dict) -> dict:
 def _plot_title(cfg: PlateauConfig, state: dict) -> str:
     quick = " (quick smoke run, not evidence)" if cfg.quick else ""
     schedules = " and ".join(map(str, sorted({r["iterations"] for r in state["runs"]} or {cfg.student_iters})))
+    seeds = ", ".join(map(str, sorted({r["seed"] for r in state["runs"]}))) or "-"
     return (
         f"FCOS on digit canvases: val AP during training{quick}\n"
-        f"students {schedules} it, "
+        f"students {schedules} it (seeds {seeds}; the legend names each run's schedule), "
         f"teacher {cfg.teacher_iters} it, cosine to 0; {state['device']}"
     )
