@@ -927,3 +927,16 @@ def test_module_and_input_dtypes(name: str, module_dtype: str, input_dtype: str)
     for pname, p in module.named_parameters():
         assert p.grad is not None and p.grad.dtype == m_dtype, pname
     _assert_grads_aligned(grads, ref_grads, f"{name} {module_dtype} module, {input_dtype} inputs")
+
+
+def test_importing_the_package_loads_neither_dynamo_nor_triton():
+    """``import famkd_losses`` stays cheap: torch.compile's machinery and triton load on first use."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch; import famkd_losses, famkd_losses.ops; "
+        "print(sorted(m for m in ('torch._dynamo', 'triton') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
-from typing import Any
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._eager import run_eagerly
 from .._validation import at_level, check_module_device, check_pair, check_seed, plural
 
 # appended to channel-mismatch errors of the losses that compare raw channels
@@ -74,31 +70,6 @@ def resize_to(x: Tensor, size: tuple[int, int], resize: bool, name: str, ref_nam
             f"{tuple(size)}; pass resize_student=True to resize the student bilinearly"
         )
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
-
-
-_EAGER: dict[Callable, Callable] = {}
-
-
-def run_eagerly(fn: Callable) -> Callable:
-    """``fn``, run eagerly under ``torch.compile`` (one graph break) instead of traced.
-
-    For host-side state such as a call counter: traced, every new value would be a guard
-    failure and a recompile. ``torch._dynamo`` is imported only once something else has
-    imported it (``torch.compile`` does), so importing this package stays cheap.
-    """
-
-    @functools.wraps(fn)
-    def inner(*args: Any, **kwargs: Any) -> Any:
-        eager = _EAGER.get(fn)
-        if eager is None:
-            if "torch._dynamo" not in sys.modules:
-                return fn(*args, **kwargs)  # nothing can be compiling
-            import torch._dynamo
-
-            eager = _EAGER[fn] = torch._dynamo.disable(fn)
-        return eager(*args, **kwargs)
-
-    return inner
 
 
 _MASK64 = (1 << 64) - 1

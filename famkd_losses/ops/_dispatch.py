@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_flatten, tree_map
 
 from .._backend import use_triton
+from .._eager import run_eagerly
 
 __all__ = ["TOLERANCES", "VERIFY_ENV", "dispatch", "verification_enabled", "reset_verification", "verified"]
 
@@ -129,7 +130,7 @@ def _compare(name: str, got: Sequence[Tensor | None], want: Sequence[Tensor | No
     return None
 
 
-@torch.compiler.disable
+@run_eagerly
 def _verify(
     op: str,
     key: tuple[str, str, torch.dtype],
