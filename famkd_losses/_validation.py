@@ -70,12 +70,14 @@ def check_non_negative(name: str, value: Any) -> float:
     return float(value)
 
 
-def check_ratio(name: str, value: Any) -> float:
-    """A masking ratio: a number in [0, 1)."""
+def check_ratio(name: str, value: Any, *, upper_inclusive: bool = False) -> float:
+    """A ratio: a number in [0, 1), the fraction of entries a mask hides (hiding all would leave
+    nothing to reconstruct), or in [0, 1] with ``upper_inclusive`` (a fraction kept: all is fine)."""
+    interval = "[0, 1]" if upper_inclusive else "[0, 1)"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number in [0, 1), got {type(value).__name__} {value!r}")
-    if not (0.0 <= value < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+        raise TypeError(f"{name} must be a number in {interval}, got {type(value).__name__} {value!r}")
+    if not (0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")
     return float(value)
 
 

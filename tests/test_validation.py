@@ -145,6 +145,8 @@ def _value_cases() -> list[Any]:
         ("MGDx", "ratio"),
     ]:
         for v, exc in ratio_bad:
+            if arg == "ratio_l" and v == 1.0:
+                continue  # a fraction kept: 1 keeps every position (tested below)
             out.append(case(f"{cls}-{arg}={v!r}", _kw(cls, **{arg: v}), exc, _name(arg) + ".*" + re.escape(repr(v))))
     temp_bad = [(0, ValueError), (-1, ValueError), (INF, ValueError), (NAN, ValueError)]
     temp_bad += [("x", TypeError), (True, TypeError)]
@@ -1157,6 +1159,18 @@ def _fgd_cases() -> list[Any]:
             lambda: call1(S1, T1, [poison(b[0], (0, 0), -INF).half(), b[1]]),
             ValueError,
             pat("boxes[0] (image 0)", "box 0 is [-inf, 0.0, 8.0, 8.0]"),
+        ),
+        case(
+            "FGD-box-inverted",
+            lambda: call1(S1, T1, [b[0], torch.tensor([[1.0, 2.0, 5.0, 6.0], [8.0, 8.0, 4.0, 30.0]])]),
+            ValueError,
+            pat("boxes[1] (image 1) has an inverted box: box 1 is [8.0, 8.0, 4.0, 30.0]", "x1 <= x2 and y1 <= y2"),
+        ),
+        case(
+            "FGD-box-coco-xywh-by-mistake",
+            lambda: call1(S1, T1, [torch.tensor([[10.0, 12.0, 6.0, 5.0]]), b[1]]),
+            ValueError,
+            pat("boxes[0] (image 0) has an inverted box", "(x, y, w, h)"),
         ),
         case(
             "FGDx-box-nan-coordinate",

@@ -28,6 +28,11 @@ def _context_branch(channels: int) -> nn.Sequential:
     )
 
 
+def _valid_boxes(boxes: Tensor) -> Tensor:
+    """(M, 4) corners -> (M,) bool: finite, ``x1 <= x2`` and ``y1 <= y2`` (NaN compares false)."""
+    return torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+
+
 class FGDLoss(DistillationLoss):
     """Focal and Global Distillation, as the official code computes it.
 
@@ -168,19 +173,32 @@ class FGDLoss(DistillationLoss):
 
     @staticmethod
     def _check_box_values(boxes: Sequence[Tensor]) -> None:
-        """Every box coordinate finite: a NaN or Inf corner would become an int64 extreme in the box
-        masks (a finite but meaningless loss). One read of all the boxes, so one synchronisation
-        when they are on the GPU; the image and the box are looked up only when one is bad."""
-        filled = [b.reshape(-1) for b in boxes if b.numel() > 0 and b.device.type != "meta"]
-        if not filled or bool(torch.isfinite(torch.cat(filled)).all()):
+        """Every box finite and ordered (``x1 <= x2``, ``y1 <= y2``): a NaN or Inf corner would become
+        an int64 extreme in the box masks, and an inverted box (COCO's ``(x, y, w, h)`` passed as
+        corners, say) would cover no position; either gives a finite but meaningless loss. One read
+        of all the boxes, so one synchronisation when they are on the GPU; the image and the box
+        are looked up only when one is bad."""
+        filled = [b for b in boxes if b.numel() > 0 and b.device.type != "meta"]
+        if not filled:
+            return
+        every = torch.cat(filled)
+        if bool(_valid_boxes(every).all()):
             return
         for i, b in enumerate(boxes):
-            bad = (~torch.isfinite(b)).any(dim=1).nonzero()
-            if bad.numel() > 0:
-                j = int(bad[0, 0])
+            nonfinite = (~torch.isfinite(b)).any(dim=1).nonzero()
+            if nonfinite.numel() > 0:
+                j = int(nonfinite[0, 0])
                 raise ValueError(
                     f"boxes[{i}] (image {i}) has a non-finite coordinate: box {j} is {b[j].tolist()} "
                     "(x1, y1, x2, y2 in input pixels); drop or fix such boxes before the loss"
+                )
+            inverted = (~_valid_boxes(b)).nonzero()
+            if inverted.numel() > 0:
+                j = int(inverted[0, 0])
+                raise ValueError(
+                    f"boxes[{i}] (image {i}) has an inverted box: box {j} is {b[j].tolist()}, but boxes are "
+                    "corners (x1, y1, x2, y2) with x1 <= x2 and y1 <= y2 in input pixels (convert COCO's "
+                    "(x, y, w, h) first)"
                 )
 
     def forward(

@@ -64,7 +64,8 @@ class MaskedLogitsLoss(DistillationLoss):
         weights: ``"soft"``: ``W = P * softmax_p(D / tau_w)`` (mean 1); ``"mask"``: 1 on the
             top ``ratio_l`` positions by D, 0 elsewhere.
         tau_w: temperature of the soft weights (our reading: 0.1, since ``|p - q|`` is in [0, 1]).
-        ratio_l: fraction of positions kept by the mask weights, in [0, 1).
+        ratio_l: fraction of positions kept by the mask weights, in [0, 1] (1: every position;
+            0 keeps none, and the logits part is then 0).
         beta: overall weight.
         num_classes: K, to split dense channels ``A*K`` into anchors and classes. Required by
             the softmax head on dense logits; the sigmoid head sums over anchors and classes
@@ -111,7 +112,7 @@ class MaskedLogitsLoss(DistillationLoss):
         self.region_scales = None if region_scales is None else check_scales("region_scales", region_scales)
         self.weights = weights
         self.tau_w = check_positive("tau_w", tau_w)
-        self.ratio_l = check_ratio("ratio_l", ratio_l)
+        self.ratio_l = check_ratio("ratio_l", ratio_l, upper_inclusive=True)
         self.beta = check_non_negative("beta", beta)
         self.num_classes = None if num_classes is None else check_channels("num_classes", num_classes)
         self.backend = check_backend(backend)

@@ -29,6 +29,7 @@ def _pair(shape, seed, grad=False):
         {},
         {"head": "softmax", "num_classes": 3},
         {"weights": "mask", "ratio_l": 0.4},
+        {"weights": "mask", "ratio_l": 1.0},
         {"region_scales": (1, 2), "temperature": 2.0},
     ],
 )

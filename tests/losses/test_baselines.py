@@ -785,3 +785,11 @@ def test_kd_zero_for_identical_and_teacher_detached(mode):
     s = torch.randn(3, 5, requires_grad=True)
     t = torch.randn(3, 5, requires_grad=True)
     check_teacher_untouched(KDLoss(mode=mode, tau=2.0)(s, t), s, t)
+
+
+def test_fgd_accepts_zero_area_boxes():
+    """A box with x1 == x2 (or y1 == y2) is ordered, so it is not an error (it covers at most a line)."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    boxes = [torch.tensor([[4.0, 4.0, 4.0, 20.0]]), torch.tensor([[0.0, 8.0, 16.0, 8.0]])]
+    assert torch.isfinite(FGDLoss(3, 4)(s, t, boxes, (32, 32)))

@@ -238,6 +238,17 @@ def test_logits_loss_single_tensor_equals_one_level_list():
     torch.testing.assert_close(mod(s[0], t[0]), mod(s, t))
 
 
+def test_logits_mask_weights_at_ratio_one_keep_every_position():
+    """``ratio_l=1`` (a fraction kept) is the loss with every weight 1: ``"soft"`` weights at an
+    infinite temperature, i.e. the unweighted mean of the per-position KL."""
+    g = torch.Generator().manual_seed(4)
+    zs, zt = torch.randn(2, 6, 5, 3, generator=g), torch.randn(2, 6, 5, 3, generator=g)
+    every = MaskedLogitsLoss(weights="mask", ratio_l=1.0)(zs, zt)
+    flat = MaskedLogitsLoss(weights="soft", tau_w=1e9)(zs, zt)
+    torch.testing.assert_close(every, flat, rtol=1e-5, atol=1e-7)
+    assert float(MaskedLogitsLoss(weights="mask", ratio_l=0.0)(zs, zt)) == 0.0
+
+
 def test_logits_loss_zero_when_equal_and_teacher_gets_no_gradient():
     s, t = _logits([(2, 6, 4, 4)])
     mod = MaskedLogitsLoss()
