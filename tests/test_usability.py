@@ -172,3 +172,18 @@ def test_backend_triton_needs_a_device_it_can_run_on(monkeypatch):
         use_triton("triton", torch.zeros(1))
     assert use_triton("auto", torch.zeros(1)) is False  # CPU tensors: the reference
     assert use_triton("torch", torch.zeros(1)) is False
+
+
+@pytest.mark.parametrize("multi_level", [True, False])
+def test_swapped_student_teacher_of_other_widths_says_so(multi_level):
+    mod = FAMKDLoss([4, 4], [6, 6]) if multi_level else MGDLoss(4, 6)
+
+    def pair(c_s):
+        s, t = torch.randn(2, c_s, 5, 5), torch.randn(2, 6, 5, 5)
+        return ([s, s], [t, t]) if multi_level else (s, t)
+
+    s, t = pair(4)
+    with pytest.raises(ValueError, match=r"built for student_channels=4.*look swapped: pass the student's features"):
+        mod(t, s)
+    with pytest.raises(ValueError, match=r"built for student_channels=4 \(shape \(2, 5, 5, 5\)\)$"):
+        mod(*pair(5))  # wrong, but not the teacher's width: no hint

@@ -164,9 +164,15 @@ def align_student(loss: nn.Module, s_feat: Tensor, t_feat: Tensor, level: int | 
         ("teacher", t_feat, loss.teacher_channels),
     ):
         if x.shape[1] != built:
+            swapped = (s_feat.shape[1], t_feat.shape[1]) == (loss.teacher_channels, loss.student_channels)
+            hint = (
+                "; the arguments look swapped: pass the student's features first, the teacher's second"
+                if swapped
+                else ""
+            )
             raise ValueError(
                 f"{name} feature{where} has {plural(x.shape[1], 'channel')} but this loss was built for "
-                f"{name}_channels={built} (shape {tuple(x.shape)})"
+                f"{name}_channels={built} (shape {tuple(x.shape)}){hint}"
             )
     check_module_device(s_feat, "student feature", loss, level)
     s_feat = resize_to(s_feat, t_feat.shape[-2:], loss.resize_student, "student feature", "teacher feature", level)
