@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
+import sys
 import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -139,15 +141,28 @@ def check_same_device(named: Sequence[tuple[str, Tensor]], level: int | None = N
             )
 
 
+_INTERNAL_DIRS = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised by this function's caller point at the first
+    frame outside this package and torch (the user's call of the loss), however deep the call."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def warn_if_swapped(s_name: str, s: Tensor, t_name: str, t: Tensor) -> None:
     """Warn when the teacher needs grad but the student does not: most likely (teacher, student)
-    was passed where (student, teacher) is expected. Metadata only."""
+    was passed where (student, teacher) is expected. Metadata only; the warning points at the
+    user's call."""
     if t.requires_grad and not s.requires_grad and torch.is_grad_enabled():
         warnings.warn(
             f"the {t_name} requires grad but the {s_name} does not: the argument order is (student, teacher); "
             "compute the teacher under torch.no_grad()",
             UserWarning,
-            stacklevel=4,
+            stacklevel=caller_stacklevel(),
         )
 
 

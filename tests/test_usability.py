@@ -130,8 +130,9 @@ def test_swapped_student_teacher_warns(name):
     teacher_like = _feats(6, seed=1, grad=True)  # needs grad: what a student looks like
     student_like = _feats(c_s)
     mod = make() if same else (FAMKDLoss([6, 6], [6, 6]) if name == "famkd" else MGDLoss(6, 6, seed=0))
-    with pytest.warns(UserWarning, match=r"argument order is \(student, teacher\)"):
+    with pytest.warns(UserWarning, match=r"argument order is \(student, teacher\)") as caught:
         call(mod, student_like if same else _feats(6), teacher_like)
+    assert {w.filename for w in caught} == {__file__}  # the user's call of the loss, not the library
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         call(mod, teacher_like, student_like if same else _feats(6))  # the right order: no warning
