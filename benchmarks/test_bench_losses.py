@@ -137,7 +137,8 @@ def _call(workload, mod, s, t, zs, zt, case):
         return mod(s, t, zs, zt)
     if workload == "fgd":
         h, w = case.levels[0]
-        boxes = [torch.tensor([[8.0, 8.0, 8.0 * w / 2, 8.0 * h / 2]], device=s[0].device)] * case.batch
+        # one box over the central half of an input 8x the first level's size (ordered on every case)
+        boxes = [torch.tensor([[2.0 * w, 2.0 * h, 6.0 * w, 6.0 * h]], device=s[0].device)] * case.batch
         return mod(s, t, boxes, (8 * h, 8 * w))
     return mod(s, t)
 
