@@ -188,3 +188,18 @@ def test_swapped_student_teacher_of_other_widths_says_so(multi_level):
         mod(t, s)
     with pytest.raises(ValueError, match=r"built for student_channels=4 \(shape \(2, 5, 5, 5\)\)$"):
         mod(*pair(5))  # wrong, but not the teacher's width: no hint
+
+
+@pytest.mark.parametrize(
+    "mod, shown",
+    [
+        (MGDLoss(3, 4, ratio=0.5), "3, 4, mask='spatial', ratio=0.5, alpha=2e-05"),
+        (MGDLoss([3, 3], [4, 4]), "mask='spatial', ratio=0.65"),
+        (FGDLoss(3, 4, tau=0.7), "3, 4, tau=0.7, alpha=0.001"),
+        (PKDLoss(loss_weight=2.0), "loss_weight=2.0"),
+        (CWDLoss(tau=4.0), "tau=4.0, loss_weight=1.0"),
+        (KDLoss(mode="sigmoid", num_classes=3), "mode='sigmoid', tau=1.0, loss_weight=1.0, num_classes=3"),
+    ],
+)
+def test_repr_shows_the_hyperparameters(mod, shown):
+    assert shown in "\n".join(repr(mod).splitlines()[:2])  # the module's own line, not a child's

@@ -38,6 +38,9 @@ class CWDLoss(DistillationLoss):
         self.loss_weight = check_non_negative("loss_weight", loss_weight)
         self.backend = check_backend(backend)
 
+    def extra_repr(self) -> str:
+        return f"tau={self.tau}, loss_weight={self.loss_weight}"
+
     def forward(self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor]) -> Tensor:
         """float32 scalar."""
         values = Levels.split("s_feats", s_feats, "t_feats", t_feats).map(self._level)

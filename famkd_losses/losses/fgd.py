@@ -201,6 +201,10 @@ class FGDLoss(DistillationLoss):
                     "(x, y, w, h) first)"
                 )
 
+    def extra_repr(self) -> str:
+        channels = "" if self.multi_level else f"{self.student_channels}, {self.teacher_channels}, "
+        return f"{channels}tau={self.tau}, alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, lam={self.lam}"
+
     def forward(
         self,
         s_feats: Tensor | Sequence[Tensor],

@@ -95,6 +95,10 @@ class KDLoss(DistillationLoss):
             )
         return s, t
 
+    def extra_repr(self) -> str:
+        split = f", num_classes={self.num_classes}" if self.num_classes else f", class_dim={self.class_dim}"
+        return f"mode={self.mode!r}, tau={self.tau}, loss_weight={self.loss_weight}{split}"
+
     def forward(self, s_logits: Tensor | Sequence[Tensor], t_logits: Tensor | Sequence[Tensor]) -> Tensor:
         """float32 scalar."""
         values = Levels.split("s_logits", s_logits, "t_logits", t_logits).map(self._level)

@@ -116,6 +116,10 @@ class MGDLoss(DistillationLoss):
             gen = self._random.next(device)
         return bernoulli_mask(shape, self.ratio, gen, device)
 
+    def extra_repr(self) -> str:
+        channels = "" if self.multi_level else f"{self.student_channels}, {self.teacher_channels}, "
+        return f"{channels}mask={self.mask!r}, ratio={self.ratio}, alpha={self.alpha}"
+
     def forward(
         self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor], *, level: int | None = None
     ) -> Tensor:

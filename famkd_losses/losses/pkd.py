@@ -44,6 +44,9 @@ class PKDLoss(DistillationLoss):
         self.resize_student = bool(resize_student)
         self.backend = check_backend(backend)
 
+    def extra_repr(self) -> str:
+        return f"loss_weight={self.loss_weight}"
+
     def forward(self, s_feats: Tensor | Sequence[Tensor], t_feats: Tensor | Sequence[Tensor]) -> Tensor:
         """float32 scalar."""
         values = Levels.split("s_feats", s_feats, "t_feats", t_feats).map(self._level)
