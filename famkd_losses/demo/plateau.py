@@ -620,10 +620,13 @@ def run_plateau(cfg: PlateauConfig, log: Callable[[str], None] | None = None) ->
 def _plan(cfg: PlateauConfig) -> list[_Planned]:
     """Every run ``cfg`` asks for, part by part, in report order."""
     n = cfg.student_iters
+
+    def methods(keys: Sequence[str], seed_index: int) -> list[str]:
+        return [key for key in keys if key != "fgd" or seed_index < cfg.fgd_seeds]  # FGD: its first seeds only
+
     plan: list[_Planned] = []
     for i, seed in enumerate(cfg.seed + k for k in range(cfg.seeds) if cfg.main):
-        main = cfg.methods or MAIN
-        plan += [_Planned(key, seed, "main", None, False, n) for key in main if key != "fgd" or i < cfg.fgd_seeds]
+        plan += [_Planned(key, seed, "main", None, False, n) for key in methods(cfg.methods or MAIN, i)]
     if cfg.ablation:
         changes = ABLATION[: cfg.ablation_variants]
         n_ablation = n * cfg.ablation_factor
@@ -635,11 +638,8 @@ def _plan(cfg: PlateauConfig) -> list[_Planned]:
         ]
     if cfg.length:
         for i, seed in enumerate(range(cfg.seed, cfg.seed + cfg.length_seeds)):
-            plan += [
-                _Planned(key, seed, "length", None, False, n * cfg.length_factor)
-                for key in cfg.methods or LENGTH
-                if key != "fgd" or i < cfg.fgd_seeds
-            ]
+            n_long = n * cfg.length_factor
+            plan += [_Planned(key, seed, "length", None, False, n_long) for key in methods(cfg.methods or LENGTH, i)]
     return plan
 
 
@@ -657,7 +657,7 @@ def _plan_item(run: dict) -> _Planned:
     )
 
 
-def _reuse(plan: list[tuple], earlier: list[dict]) -> dict[int, dict]:
+def _reuse(plan: list[_Planned], earlier: list[dict]) -> dict[int, dict]:
     """The finished runs by plan slot: an earlier run fills the slot planned for it, or one planned
     for the same run under another part (a copy with that part's role); the earlier runs that no
     slot takes are kept, before the plan (negative slots)."""

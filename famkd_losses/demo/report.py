@@ -760,6 +760,8 @@ def plot_val_curves(
     fig, axes = plt.subplots(1, 1 + len(panels), figsize=(5 + 7 * len(panels), 7), gridspec_kw={"width_ratios": widths})
     ax_t, student_axes = axes[0], list(axes[1:])
     styles = ["--", ":", "-."]
+    teacher = next((c[2] for c in curves if c[0] == "teacher" and c[2]), None)
+    teacher_final = [] if teacher is None else [teacher[-1][1][metric]]
     for (panel_title, roles), ax in zip(panels, student_axes):
         seen: set[str] = set()
         dashed: dict[str, str] = {}  # one line style per label of the extra runs (its seeds share it)
@@ -776,14 +778,11 @@ def plot_val_curves(
             ax.plot(its, vals, ls=ls, marker="o", ms=3, lw=1.3, color=method_color(key), label=legend, alpha=0.9)
         ax.set(title=panel_title, xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
         if late:
-            teacher_final = [c[2][-1][1][metric] for c in curves if c[0] == "teacher" and c[2]]
             ax.set_ylim(min(late) - 2.0, max(late + teacher_final) + 1.0)
-    teacher = [c for c in curves if c[0] == "teacher" and c[2]]
-    if teacher:
-        curve = teacher[0][2]
-        ax_t.plot([p[0] for p in curve], [p[1][metric] for p in curve], marker="o", ms=3, lw=1.3,
+    if teacher is not None:
+        ax_t.plot([p[0] for p in teacher], [p[1][metric] for p in teacher], marker="o", ms=3, lw=1.3,
                   color=method_color("teacher"), label="teacher")  # fmt: skip
-        final = curve[-1][1][metric]
+        (final,) = teacher_final
         for ax in student_axes:
             ax.axhline(final, ls=":", lw=1.2, color=method_color("teacher"), label=f"teacher, final ({final:.1f})")
     ax_t.set(title="teacher", xlabel="iteration", ylabel=f"val {metric} (COCO, %)")
