@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -28,9 +29,15 @@ def _context_branch(channels: int) -> nn.Sequential:
     )
 
 
-def _valid_boxes(boxes: Tensor) -> Tensor:
-    """(M, 4) corners -> (M,) bool: finite, ``x1 <= x2`` and ``y1 <= y2`` (NaN compares false)."""
-    return torch.isfinite(boxes).all(dim=1) & (boxes[:, 2] >= boxes[:, 0]) & (boxes[:, 3] >= boxes[:, 1])
+def _all_boxes_valid(boxes: Tensor) -> bool:
+    """Whether every box of (M, 4) corners has ``x2 - x1`` and ``y2 - y1`` finite and >= 0.
+
+    A NaN or Inf coordinate makes its extent NaN or infinite, so one test of the two extents
+    covers finiteness and order (five launches, as many as a finiteness check alone). False
+    also where two finite corners' extent overflows the dtype: the caller looks again then.
+    """
+    extent = boxes[:, 2:] - boxes[:, :2]
+    return bool(((extent >= 0) & (extent < math.inf)).all())
 
 
 class FGDLoss(DistillationLoss):
@@ -182,7 +189,7 @@ class FGDLoss(DistillationLoss):
         if not filled:
             return
         every = torch.cat(filled)
-        if bool(_valid_boxes(every).all()):
+        if _all_boxes_valid(every):
             return
         for i, b in enumerate(boxes):
             nonfinite = (~torch.isfinite(b)).any(dim=1).nonzero()
@@ -192,7 +199,7 @@ class FGDLoss(DistillationLoss):
                     f"boxes[{i}] (image {i}) has a non-finite coordinate: box {j} is {b[j].tolist()} "
                     "(x1, y1, x2, y2 in input pixels); drop or fix such boxes before the loss"
                 )
-            inverted = (~_valid_boxes(b)).nonzero()
+            inverted = ((b[:, 2] < b[:, 0]) | (b[:, 3] < b[:, 1])).nonzero()
             if inverted.numel() > 0:
                 j = int(inverted[0, 0])
                 raise ValueError(

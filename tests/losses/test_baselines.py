@@ -793,3 +793,12 @@ def test_fgd_accepts_zero_area_boxes():
     s, t = torch.randn(2, 3, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     boxes = [torch.tensor([[4.0, 4.0, 4.0, 20.0]]), torch.tensor([[0.0, 8.0, 16.0, 8.0]])]
     assert torch.isfinite(FGDLoss(3, 4)(s, t, boxes, (32, 32)))
+
+
+def test_fgd_accepts_finite_boxes_whose_extent_overflows_their_dtype():
+    """x2 - x1 of two finite float16 corners can round to Inf; the box is still finite and ordered."""
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(1, 3, 8, 8, generator=g), torch.randn(1, 4, 8, 8, generator=g)
+    boxes = [torch.tensor([[-60000.0, 0.0, 60000.0, 16.0]], dtype=torch.float16)]
+    assert torch.isinf(boxes[0][:, 2] - boxes[0][:, 0]).all()
+    assert torch.isfinite(FGDLoss(3, 4)(s, t, boxes, (32, 32)))
