@@ -144,6 +144,21 @@ def test_level_that_no_scale_fits_warns():
         kd([torch.randn(2, 3, 8, 8), torch.randn(2, 3, 1, 1)], [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 1, 1)])
 
 
+def test_mask_ratio_that_keeps_no_position_of_a_level_warns():
+    """ratio_l * P rounding to 0 on a small level drops that level's logits term: said, not silent."""
+    zs = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 2, 2)]  # 64 and 4 positions
+    zt = [torch.randn(2, 3, 8, 8), torch.randn(2, 3, 2, 2)]
+    loss = MaskedLogitsLoss(weights="mask", ratio_l=0.1, num_classes=3)  # round(6.4) = 6, round(0.4) = 0
+    with pytest.warns(UserWarning, match=r"ratio_l=0.1 keeps none of the 4 positions at level 1") as caught:
+        total = loss(zs, zt)
+    assert {w.filename for w in caught} == {__file__}
+    assert float(loss.last_terms()["level1"]) == 0.0 and float(total) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        MaskedLogitsLoss(weights="mask", ratio_l=0.125, num_classes=3)(zs, zt)  # round(0.5) = 1: no warning
+        MaskedLogitsLoss(weights="mask", ratio_l=0.0, num_classes=3)(zs, zt)  # none asked for: no warning
+
+
 @pytest.mark.parametrize("loss", [PKDLoss(), CWDLoss()])
 def test_no_align_losses_say_how_to_fix_channels(loss):
     with pytest.raises(ValueError, match=r"channels differ.*no align layer.*1x1 conv"):

@@ -939,6 +939,12 @@ def _logits_cases() -> list[Any]:
             pat("guidance='feature'", "t_feats"),
         ),
         case(
+            "Logits-logit-guidance-given-features",
+            lambda: m()(z4s, z4t, sf, tf),
+            ValueError,
+            pat("guidance='logit' reads no features", "guidance='feature'"),
+        ),
+        case(
             "Logits-feature-guidance-grid",
             lambda: m(guidance="feature")(z4s, z4t, sf[..., :2, :2], tf[..., :2, :2]),
             ValueError,

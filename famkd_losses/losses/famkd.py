@@ -83,7 +83,8 @@ class FAMKDLoss(DistillationLoss):
             ``W = P * softmax_p(D / tau_w)`` with mean 1 (``FULL_METHOD``).
         tau_w: temperature of the soft weights (``|p - q|`` lies in [0, 1]).
         ratio_l: fraction of positions kept by the mask weights, in [0, 1] (1: every position;
-            0 keeps none, and the logits part is then 0).
+            0 keeps none, and the logits part is then 0; a level where ``ratio_l * P`` rounds
+            to 0 keeps none either, with a warning).
         beta: weight of the logits part.
         num_classes: K, to split the channels ``A*K`` of dense logits into anchors and
             classes. Required by the softmax head on dense logits; with the sigmoid head it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -13,6 +14,7 @@ from .._backend import check_backend
 from .._validation import (
     as_levels,
     at_level,
+    caller_stacklevel,
     check_channels,
     check_choice,
     check_non_negative,
@@ -30,6 +32,7 @@ from ..functional import (
     WEIGHT_MODES,
     feature_guidance,
     guidance_weights,
+    num_masked,
     region_aware_guidance,
 )
 from ._base import DistillationLoss
@@ -65,7 +68,8 @@ class MaskedLogitsLoss(DistillationLoss):
             top ``ratio_l`` positions by D, 0 elsewhere.
         tau_w: temperature of the soft weights (our reading: 0.1, since ``|p - q|`` is in [0, 1]).
         ratio_l: fraction of positions kept by the mask weights, in [0, 1] (1: every position;
-            0 keeps none, and the logits part is then 0).
+            0 keeps none, and the logits part is then 0; a level where ``ratio_l * P`` rounds
+            to 0 keeps none either, with a warning).
         beta: overall weight.
         num_classes: K, to split dense channels ``A*K`` into anchors and classes. Required by
             the softmax head on dense logits; the sigmoid head sums over anchors and classes
@@ -230,6 +234,11 @@ class MaskedLogitsLoss(DistillationLoss):
         """The student and teacher features of each logits level that ``guidance="feature"`` reads
         (``None`` per level with logit guidance)."""
         if self.guidance != "feature":
+            if s_feats is not None or t_feats is not None:
+                raise ValueError(
+                    "guidance='logit' reads no features, but s_feats or t_feats was passed: features guide "
+                    "the mask only with guidance='feature' (drop them, or build the loss with guidance='feature')"
+                )
             return [None] * num_levels, [None] * num_levels
         if s_feats is None or t_feats is None:
             raise ValueError("guidance='feature' needs s_feats and t_feats in forward()")
@@ -257,6 +266,13 @@ class MaskedLogitsLoss(DistillationLoss):
             backend=self.backend,
         )
         d = self._guide(s, t, s_feat, t_feat, level, logit_guide)
+        if self.weights == "mask" and self.ratio_l > 0 and num_masked(d.shape[1], self.ratio_l) == 0:
+            warnings.warn(
+                f"ratio_l={self.ratio_l:g} keeps none of the {plural(d.shape[1], 'position')}{at_level(level)} "
+                f"(round(ratio_l * P) = 0), so that level adds 0 to the loss; ratio_l >= {0.5 / d.shape[1]:.3g} "
+                "keeps one",
+                stacklevel=caller_stacklevel(),
+            )
         w = guidance_weights(d, self.weights, tau_w=self.tau_w, ratio=self.ratio_l)
         term = (w * kl).sum()
         if self.weights == "mask" and self.guidance != "logit":
