@@ -384,6 +384,16 @@ def _channel_cases() -> list[Any]:
         case("FAMKD-student-channels-int", lambda: FAMKDLoss(4, [4]), TypeError, pat("student_channels", "4")),
         case("FAMKD-student-channels-str", lambda: FAMKDLoss("44", [4, 4]), TypeError, pat("student_channels", "'4'")),
         case("FGD-teacher-channels-1", lambda: FGDLoss(CS, 1), ValueError, pat("teacher_channels", "at least 2", "1")),
+        *(
+            case(
+                f"{cls.__name__}-channels-int-beside-list",
+                lambda cls=cls, a=a, b=b: cls(a, b),
+                TypeError,
+                pat("student_channels and teacher_channels must both be ints (one level) or both sequences", got),
+            )
+            for cls in (FAMKDLoss, MGDLoss, FGDLoss)
+            for a, b, got in ((4, [8], "got int 4 and list [8]"), ((4, 4), 8, "got tuple (4, 4) and int 8"))
+        ),
         case("FGDx-teacher-channels-1", lambda: FGDLoss([CS, CS], [CT, 1]), ValueError, pat("teacher_channels", "1")),
         case("FGD-student-channels-0", lambda: FGDLoss(0, CT), ValueError, pat("student_channels", "0")),
         case("FGD-teacher-list-student-int", lambda: FGDLoss(CS, [CT]), TypeError, pat("teacher_channels", "[4]")),

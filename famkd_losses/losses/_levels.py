@@ -12,7 +12,16 @@ from torch import Tensor, nn
 from .._validation import as_levels, check_channel_list, check_level_device, plural
 from ._base import DistillationLoss, Term, prefixed_terms
 
-__all__ = ["LevelLosses", "Levels", "channel_pairs", "check_one_level", "level_key", "level_terms", "sum_terms"]
+__all__ = [
+    "LevelLosses",
+    "Levels",
+    "channel_pairs",
+    "check_one_level",
+    "level_key",
+    "level_terms",
+    "names_levels",
+    "sum_terms",
+]
 
 T = TypeVar("T")
 
@@ -48,6 +57,22 @@ def channel_pairs(student_channels: Sequence[int], teacher_channels: Sequence[in
             f"{len(s_ch)} ({s_ch}) and {len(t_ch)} ({t_ch})"
         )
     return list(zip(s_ch, t_ch))
+
+
+def names_levels(student_channels: Any, teacher_channels: Any) -> bool:
+    """Whether a loss's channel arguments name several levels (sequences) rather than one (ints).
+
+    One int beside one sequence is a `TypeError` that names both.
+    """
+    s_int, t_int = isinstance(student_channels, int), isinstance(teacher_channels, int)
+    other = teacher_channels if s_int else student_channels
+    if s_int != t_int and isinstance(other, Sequence) and not isinstance(other, str):
+        raise TypeError(
+            "student_channels and teacher_channels must both be ints (one level) or both sequences (one "
+            f"entry per level); got {type(student_channels).__name__} {student_channels!r} and "
+            f"{type(teacher_channels).__name__} {teacher_channels!r}"
+        )
+    return not s_int
 
 
 def check_one_level(loss_name: str, s_feats: Any, t_feats: Any) -> None:

@@ -11,7 +11,7 @@ from .._backend import check_backend
 from .._validation import as_levels, check_level_device, check_seed, plural
 from ..functional import fusion_weights
 from ._base import DistillationLoss, prefixed_terms
-from ._levels import LevelLosses, channel_pairs
+from ._levels import LevelLosses, channel_pairs, names_levels
 from .feature import ScaleAwareMaskedFeatureLoss
 from .logits import MaskedLogitsLoss
 from .presets import FAMKD_DEFAULTS as DEFAULTS
@@ -137,7 +137,7 @@ class FAMKDLoss(DistillationLoss):
     ) -> None:
         options = {name: value for name, value in locals().items() if name in DEFAULTS}  # the options as given
         super().__init__()
-        if isinstance(student_channels, int) and isinstance(teacher_channels, int):
+        if not names_levels(student_channels, teacher_channels) and isinstance(teacher_channels, int):
             student_channels, teacher_channels = [student_channels], [teacher_channels]  # one level
         channels = channel_pairs(student_channels, teacher_channels)
         self.backend = check_backend(backend)

@@ -14,7 +14,7 @@ from .._validation import check_channels, check_image_size, check_non_negative, 
 from ..functional import attention_from_saliency, box_masks, channel_attention, spatial_attention, squared_error_sum
 from ._base import DistillationLoss
 from ._common import align_student, make_align, to_module_dtype
-from ._levels import LevelLosses, channel_pairs, check_one_level
+from ._levels import LevelLosses, channel_pairs, check_one_level, names_levels
 
 __all__ = ["FGDLoss"]
 
@@ -104,7 +104,7 @@ class FGDLoss(DistillationLoss):
         self.lam = check_non_negative("lam", lam)
         self.resize_student = bool(resize_student)
         self.backend = check_backend(backend)
-        self.multi_level = not isinstance(student_channels, int)
+        self.multi_level = names_levels(student_channels, teacher_channels)
         if self.multi_level:
             # the levels' parts keep their own names ("level{l}/fg", ...): no "level{l}" total
             self.levels = LevelLosses(

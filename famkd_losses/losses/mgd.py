@@ -20,7 +20,7 @@ from ._common import (
     register_mask_step,
     to_module_dtype,
 )
-from ._levels import LevelLosses, channel_pairs, check_one_level
+from ._levels import LevelLosses, channel_pairs, check_one_level, names_levels
 
 __all__ = ["MGDLoss"]
 
@@ -86,7 +86,7 @@ class MGDLoss(DistillationLoss):
         self._random = RandomSource(seed)
         self.resize_student = bool(resize_student)
         self.backend = check_backend(backend)
-        self.multi_level = not isinstance(student_channels, int)
+        self.multi_level = names_levels(student_channels, teacher_channels)
         if self.multi_level:
             self.levels = LevelLosses(
                 MGDLoss(
