@@ -50,8 +50,8 @@ def _parser() -> argparse.ArgumentParser:
         default="fcos",
         help="fcos (default), retinanet (trains 3000 / 1000 iterations: about 50 min on 2 CPU cores), or yolo: "
         "YOLOv8 students through ultralytics' own trainer, alone, with its built-in distillation and with "
-        "FAMKD, MGD, CWD, 3 seeds (needs the ultralytics extra; about 75 min on 2 CPU cores, 45 with the "
-        "teacher cached, --quick under 3)",
+        "FAMKD, MGD, CWD, 3 seeds (needs the ultralytics extra; 30 to 60 min on 2 CPU cores by machine, "
+        "--quick under 3)",
     )
     p.add_argument(
         "--backend",

@@ -48,7 +48,7 @@ from .train import config_hash
 from .yolo_data import image_paths, write_yolo_dataset, yolo_dataset_dir
 from .yolo_losses import KD_WEIGHTS, builtin_probe, calibrated_loss, probe_batch
 from .yolo_models import YOLO_STUDENT, YOLO_TEACHER, YoloModelSpec, write_model_yaml
-from .yolo_report import LABELS, _epochs, paired, plot_ap, results_markdown
+from .yolo_report import LABELS, _epochs, paired, plot_ap, results_markdown, seeds_text
 
 __all__ = ["TRAIN_ARGS", "YoloConfig", "run_yolo", "evaluate_weights"]
 
@@ -77,10 +77,11 @@ class YoloConfig:
     """A YOLO protocol run; ``preset`` gives the default sizes and the ``--quick`` ones (a smoke run, under
     2 minutes).
 
-    Default sizes, from measured epoch times on 2 CPU cores (one torch thread, 3,000 training canvases):
-    the teacher's epoch about 69 s, the student alone 42, + built-in 61, + FAMKD 71, + MGD 68, + CWD 65.
-    The teacher's 10 epochs (once), 3 seeds x (alone, built-in, FAMKD, MGD, CWD) x 2 epochs, the control
-    and the evaluations come to about 75 minutes; about 45 once the teacher is cached.
+    Default sizes. Epoch times on 2 CPU cores (one torch thread, 3,000 training canvases) differ about 2x
+    between machines: the teacher's 40 to 69 s, the student alone 22 to 42, + built-in 33 to 61, + FAMKD
+    41 to 71, + MGD 38 to 68, + CWD 31 to 65. The whole protocol (the teacher's 10 epochs once, 3 seeds x
+    5 student runs x 2 epochs, the control, the evaluations) took 27 minutes on the faster machine (the
+    teacher 7 of them), so about an hour on the slower.
     """
 
     out: Path = Path("famkd_yolo_out")
@@ -544,5 +545,5 @@ def _plot_title(cfg: YoloConfig, state: dict) -> str:
     return (
         f"YOLOv8 on digit canvases through ultralytics' trainer: COCO AP on the test split{quick}\n"
         f"students {_epochs(cfg.student_epochs)}, teacher {_epochs(cfg.teacher_epochs)}; seeds "
-        f"{', '.join(map(str, state['seeds']))} (MGD, CWD: the first {cfg.extra_seeds}); {state['machine']}"
+        f"{seeds_text(state['seeds'], cfg.extra_seeds, short=True)}; {state['machine']}"
     )

@@ -12,7 +12,7 @@ import numpy as np
 from .evaluate import AREA_RANGES, METRICS, mean_std
 from .report import _plt, method_color
 
-__all__ = ["ROW_ORDER", "LABELS", "aggregate", "paired", "results_markdown", "plot_ap"]
+__all__ = ["ROW_ORDER", "LABELS", "aggregate", "paired", "results_markdown", "plot_ap", "seeds_text"]
 
 ROW_ORDER = ("teacher", "student", "builtin", "famkd", "mgd", "cwd", "control")
 LABELS = {
@@ -59,6 +59,15 @@ def paired(runs: Sequence[dict], a: str, b: str) -> dict | None:
         return None
     mean, std = mean_std([d for _, d in diffs])
     return {"per_seed": diffs, "mean": mean, "std": std}
+
+
+def seeds_text(seeds: Sequence[int], extra_seeds: int, *, short: bool = False) -> str:
+    """Which seeds the runs used: every run all of ``seeds``, or MGD and CWD only the first ``extra_seeds``."""
+    every = ", ".join(map(str, seeds))
+    if extra_seeds >= len(seeds):
+        return every if short else f"{every} for every student run"
+    extra = ", ".join(map(str, seeds[:extra_seeds])) or "none"
+    return f"{every} (MGD, CWD: {extra})" if short else f"{every} for alone / built-in / FAMKD; {extra} for MGD and CWD"
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
@@ -131,9 +140,8 @@ def results_markdown(state: dict) -> str:
         "(`distillation_trainer(loss)`, a `FAMKDTrainer`), the loss on the neck features the Detect head reads "
         "(FAMKD also on its class logits); CWD through a 1x1 convolution per level to the teacher's channels.",
         f"- Distillation weights: {state['weights_text']}",
-        f"- Seeds: {', '.join(map(str, state['seeds']))} for alone / built-in / FAMKD; "
-        f"{', '.join(map(str, state['seeds'][: cfg['extra_seeds']])) or 'none'} for MGD and CWD. "
-        "Mean ± sample std over seeds where there are several.",
+        f"- Seeds: {seeds_text(state['seeds'], cfg['extra_seeds'])}. Mean ± sample std over seeds where there are "
+        "several.",
         "",
         "## Equal epochs",
         "",
