@@ -46,7 +46,7 @@ from .pipeline import default_cache_dir, tqdm_log
 from .report import write_json
 from .train import config_hash
 from .yolo_data import image_paths, write_yolo_dataset, yolo_dataset_dir
-from .yolo_losses import KD_WEIGHTS, builtin_probe, calibrated_loss, probe_batch
+from .yolo_losses import FEATURES_ONLY, KD_WEIGHTS, LOSS_TERMS, builtin_probe, calibrated_loss, probe_batch
 from .yolo_models import YOLO_STUDENT, YOLO_TEACHER, YoloModelSpec, write_model_yaml
 from .yolo_report import LABELS, _epochs, paired, plot_ap, results_markdown, seeds_text
 
@@ -87,7 +87,7 @@ class YoloConfig:
     out: Path = Path("famkd_yolo_out")
     quick: bool = False
     seeds: int = 3  # student alone, + built-in, + FAMKD
-    extra_seeds: int = 3  # + MGD, + CWD (the first this many seeds)
+    extra_seeds: int = 3  # + FAMKD feature part, + MGD, + CWD (the first this many seeds)
     seed: int = 0
     device: str = "cpu"
     backend: str = "auto"
@@ -439,7 +439,7 @@ def run_yolo(cfg: YoloConfig, log: Callable[[str], None] | None = None) -> dict:
         extra: dict[str, Any] = {}
         if key == "builtin":
             extra["distill_model"] = str(teacher_pt)
-        elif key in ("famkd", "mgd", "cwd"):
+        elif key in LOSS_TERMS:
             loss, record = calibrated_loss(
                 key,
                 _student_probe(cfg, student_yaml, seed),
@@ -453,7 +453,8 @@ def run_yolo(cfg: YoloConfig, log: Callable[[str], None] | None = None) -> dict:
             if seed == seeds[0]:
                 state["calibration"][key] = record
             # a FAMKDTrainer subclass bound to this loss module
-            extra.update(trainer=distillation_trainer(loss), distill_model=str(teacher_pt))
+            trainer = distillation_trainer(loss, logits=key not in FEATURES_ONLY)
+            extra.update(trainer=trainer, distill_model=str(teacher_pt))
         log(f"{LABELS[key]} (seed {seed}, {epochs} epochs)")
         run = _train(cfg, student_yaml, data_yaml, epochs=epochs, seed=seed, project=runs_dir, name=name, **extra)
         coco, ultra = evaluate_weights(
@@ -472,11 +473,11 @@ def run_yolo(cfg: YoloConfig, log: Callable[[str], None] | None = None) -> dict:
         for key in ("student", "builtin", "famkd"):
             one(key, seed)
         if i < cfg.extra_seeds:
-            for key in ("mgd", "cwd"):
+            for key in ("famkd_feature", "mgd", "cwd"):
                 one(key, seed)
         if i == 0 and cfg.control:
             first = {r["key"]: r for r in state["runs"] if r["seed"] == seed}
-            distilled = [k for k in ("builtin", "famkd", "mgd", "cwd") if k in first]
+            distilled = [k for k in ("builtin", *LOSS_TERMS) if k in first]
             cost = _epoch_cost(cfg)
             slowest = max(distilled, key=lambda k: first[k][cost])
             ratio = first[slowest][cost] / first["student"][cost]
@@ -509,10 +510,10 @@ def _neck(model: torch.nn.Module, batch: dict, device: str) -> list[torch.Tensor
 def _weights_text(cfg: YoloConfig) -> str:
     if cfg.kd_weights == "calibrated":
         return (
-            f"calibrated: each term of FAMKD (feature, logits), MGD and CWD starts at {cfg.kd_fraction:g} x the "
-            "student's detection loss on the first training batch (`famkd_losses.calibration.calibrate_weights`, "
-            "the FCOS demo's rule); ultralytics' built-in keeps its own default `dis` (where it starts on that "
-            "batch is measured below)."
+            "calibrated: each term of FAMKD (feature, logits), its feature part alone, MGD and CWD starts at "
+            f"{cfg.kd_fraction:g} x the student's detection loss on the first training batch "
+            "(`famkd_losses.calibration.calibrate_weights`, the FCOS demo's rule); ultralytics' built-in keeps "
+            "its own default `dis` (where it starts on that batch is measured below)."
         )
     return "the package's default weights of FAMKDLoss, MGDLoss and CWDLoss; ultralytics' built-in its default `dis`."
 
@@ -525,6 +526,8 @@ def _write(cfg: YoloConfig, state: dict, start: float) -> dict:
         for a, b in (
             ("famkd", "student"),
             ("famkd", "builtin"),
+            ("famkd", "famkd_feature"),
+            ("famkd_feature", "student"),
             ("famkd", "mgd"),
             ("famkd", "cwd"),
             ("builtin", "student"),

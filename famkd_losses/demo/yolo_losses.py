@@ -2,6 +2,7 @@
 
 - ``famkd``: `FAMKDLoss` (the package defaults) on the neck features the ``Detect`` head reads and
   its class logits; two terms, ``feature`` and ``logits``.
+- ``famkd_feature``: the same `FAMKDLoss` on the features alone (its feature part); term ``feature``.
 - ``mgd``: `MGDLoss` (its defaults: random spatial mask, ratio 0.65) on the same features.
 - ``cwd``: `CWDLoss` (tau 1) on the same features, the student's first projected to the teacher's
   channels by a 1x1 convolution per level that trains with the student (`AlignedCWDLoss`; CWD
@@ -34,6 +35,7 @@ from ..losses._base import DistillationLoss
 from .data import DetectionSplit
 
 __all__ = [
+    "FEATURES_ONLY",
     "LOSS_TERMS",
     "KD_WEIGHTS",
     "AlignedCWDLoss",
@@ -44,7 +46,14 @@ __all__ = [
     "builtin_probe",
 ]
 
-LOSS_TERMS: dict[str, tuple[str, ...]] = {"famkd": ("feature", "logits"), "mgd": ("feature",), "cwd": ("feature",)}
+LOSS_TERMS: dict[str, tuple[str, ...]] = {
+    "famkd": ("feature", "logits"),
+    "famkd_feature": ("feature",),
+    "mgd": ("feature",),
+    "cwd": ("feature",),
+}
+FEATURES_ONLY = ("famkd_feature",)
+"""The methods whose loss is called without the class logits (``logits=False``)."""
 KD_WEIGHTS = ("calibrated", "defaults")
 
 
@@ -107,6 +116,9 @@ def build_loss(
     if key == "famkd":
         extra = {"alpha": w["feature"], "beta": w["logits"]} if weights else {}
         return FAMKDLoss(s_ch, t_ch, num_classes=num_classes, seed=seed, backend=backend, **extra)
+    if key == "famkd_feature":
+        extra = {"alpha": w["feature"]} if weights else {}
+        return FAMKDLoss(s_ch, t_ch, num_classes=num_classes, seed=seed, backend=backend, **extra)
     if key == "mgd":
         extra = {"alpha": w["feature"]} if weights else {}
         return MGDLoss(s_ch, t_ch, seed=seed, backend=backend, **extra)
@@ -120,6 +132,8 @@ def default_weights(key: str, loss: nn.Module) -> dict[str, float]:
     """The term weights a loss module of method ``key`` carries."""
     if key == "famkd":
         return {"feature": float(loss.feature_losses[0].alpha), "logits": float(loss.logits_loss.beta)}
+    if key == "famkd_feature":
+        return {"feature": float(loss.feature_losses[0].alpha)}
     if key == "mgd":
         return {"feature": float(loss.alpha)}
     return {"feature": float(loss.loss_weight)}
@@ -205,7 +219,7 @@ def calibrated_loss(
 
     def measure(loss: nn.Module) -> dict[str, float]:
         with torch.no_grad():
-            value = distillation_loss(loss, s_out, t_out)
+            value = distillation_loss(loss, s_out, t_out, logits=key not in FEATURES_ONLY)
         if len(terms) == 1:
             return {terms[0]: float(value)}
         parts = loss.last_terms(as_float=True)

@@ -14,12 +14,13 @@ from .report import _plt, method_color
 
 __all__ = ["ROW_ORDER", "LABELS", "aggregate", "paired", "results_markdown", "plot_ap", "seeds_text"]
 
-ROW_ORDER = ("teacher", "student", "builtin", "famkd", "mgd", "cwd", "control")
+ROW_ORDER = ("teacher", "student", "builtin", "famkd", "famkd_feature", "mgd", "cwd", "control")
 LABELS = {
     "teacher": "teacher",
     "student": "student alone",
     "builtin": "+ ultralytics built-in distillation",
     "famkd": "+ FAMKD (FAMKDTrainer)",
+    "famkd_feature": "+ FAMKD feature part (logits=False)",
     "mgd": "+ MGD",
     "cwd": "+ CWD",
     "control": "student alone, wall time of the slowest distilled run",
@@ -62,12 +63,15 @@ def paired(runs: Sequence[dict], a: str, b: str) -> dict | None:
 
 
 def seeds_text(seeds: Sequence[int], extra_seeds: int, *, short: bool = False) -> str:
-    """Which seeds the runs used: every run all of ``seeds``, or MGD and CWD only the first ``extra_seeds``."""
+    """Which seeds the runs used: every run all of ``seeds``, or the feature part, MGD and CWD only the first
+    ``extra_seeds``."""
     every = ", ".join(map(str, seeds))
     if extra_seeds >= len(seeds):
         return every if short else f"{every} for every student run"
     extra = ", ".join(map(str, seeds[:extra_seeds])) or "none"
-    return f"{every} (MGD, CWD: {extra})" if short else f"{every} for alone / built-in / FAMKD; {extra} for MGD and CWD"
+    if short:
+        return f"{every} (feature part, MGD, CWD: {extra})"
+    return f"{every} for alone / built-in / FAMKD; {extra} for the feature part, MGD and CWD"
 
 
 def _fmt(mean: float, std: float, n: int) -> str:
@@ -136,9 +140,11 @@ def results_markdown(state: dict) -> str:
         f"the same settings: {state['train_args_text']}.",
         f"- Built-in row, as ultralytics' documentation tells a user to run it: "
         f"`{state['builtin_call']}` (its default loss, `dis={state['builtin_dis']:g}`, untouched).",
-        "- FAMKD, MGD, CWD rows: the same call with `trainer=` a `famkd_losses.integrations.ultralytics` trainer "
+        "- FAMKD, FAMKD feature part, MGD, CWD rows: the same call with `trainer=` a "
+        "`famkd_losses.integrations.ultralytics` trainer "
         "(`distillation_trainer(loss)`, a `FAMKDTrainer`), the loss on the neck features the Detect head reads "
-        "(FAMKD also on its class logits); CWD through a 1x1 convolution per level to the teacher's channels.",
+        "(FAMKD also on its class logits; its feature part through `distillation_trainer(loss, logits=False)`, "
+        "the same `FAMKDLoss` without them); CWD through a 1x1 convolution per level to the teacher's channels.",
         f"- Distillation weights: {state['weights_text']}",
         f"- Seeds: {seeds_text(state['seeds'], cfg['extra_seeds'])}. Mean ± sample std over seeds where there are "
         "several.",
@@ -146,7 +152,7 @@ def results_markdown(state: dict) -> str:
         "## Equal epochs",
         "",
     ]
-    main = [by_key[k] for k in ("teacher", "student", "builtin", "famkd", "mgd", "cwd") if k in by_key]
+    main = [by_key[k] for k in ROW_ORDER[:-1] if k in by_key]
     lines += [*_table(main, ref), ""]
     if "teacher" in by_key and student:
         lines += [f"Teacher - student gap: {by_key['teacher']['mean']['AP'] - ref:.1f} AP.", ""]
@@ -190,7 +196,7 @@ def results_markdown(state: dict) -> str:
         "| run | term | measured at weight 1 | detection loss | weight | starts at (x detection loss) |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for key in ("famkd", "mgd", "cwd"):
+    for key in ("famkd", "famkd_feature", "mgd", "cwd"):
         cal = state["calibration"].get(key)
         if not cal:
             continue

@@ -163,6 +163,8 @@ class YOLODistillationModel(DistillationModel):
         loss: a loss module of this package, or a `LossFactory` called with the channels of
             the Detect head's inputs and the number of classes (default: `default_loss`).
         branch: the logits of an end-to-end head to distil (``"one2many"`` or ``"one2one"``).
+        logits: give the loss the class logits where it can go without them (`FAMKDLoss`);
+            ``False`` distils its feature part only.
     """
 
     def __init__(
@@ -172,6 +174,7 @@ class YOLODistillationModel(DistillationModel):
         loss: nn.Module | LossFactory | None = None,
         *,
         branch: str = "one2many",
+        logits: bool = True,
     ) -> None:
         nn.Module.__init__(self)  # ultralytics' __init__ builds its own projector and hooks: not used
         check_choice("branch", branch, DETECT_HEAD_BRANCHES)
@@ -186,6 +189,7 @@ class YOLODistillationModel(DistillationModel):
         self._freeze_teacher()
         self.student_model = student_model
         self.branch = branch
+        self.logits = bool(logits)
         # attributes ultralytics' DistillationModel methods read (hooks are not needed: the head
         # returns the features it reads)
         self.feats_idx = self.get_distill_layers(student_model)
@@ -263,7 +267,7 @@ class YOLODistillationModel(DistillationModel):
         size = image.shape[-2:]
         student = yolo_outputs(s_raw, branch=self.branch, image_size=size)
         teacher = yolo_outputs(t_raw, branch=self.branch, image_size=size, batch=batch)  # FGD reads its boxes
-        kd = distillation_loss(self.projector, student, teacher).reshape(1)
+        kd = distillation_loss(self.projector, student, teacher, logits=getattr(self, "logits", True)).reshape(1)
         items["dis_loss"] = kd.detach()  # shape (1,), as ultralytics reports its own
         return torch.cat([det_loss, (kd * image.shape[0]).to(det_loss.dtype)]), items
 
@@ -281,6 +285,7 @@ class FAMKDTrainer(DetectionTrainer):
     loss_factory: nn.Module | LossFactory | None = None
     teacher: nn.Module | None = None
     branch: str = "one2many"
+    logits: bool = True
 
     def _teacher(self) -> str | Path | nn.Module:
         teacher = self.teacher if self.teacher is not None else self.args.distill_model
@@ -302,7 +307,9 @@ class FAMKDTrainer(DetectionTrainer):
         # until the end): the student and the loss module (EMA weights, as ultralytics resumes) come from it
         student = self.get_model(cfg=weights.yaml, weights=weights.student_model, verbose=False)
         student.args = self.args
-        self.model = YOLODistillationModel(self._teacher(), student, weights.projector, branch=weights.branch)
+        self.model = YOLODistillationModel(
+            self._teacher(), student, weights.projector, branch=weights.branch, logits=getattr(weights, "logits", True)
+        )
         self.model.criterion = None
         return ckpt
 
@@ -322,7 +329,9 @@ class FAMKDTrainer(DetectionTrainer):
                 "the model is ultralytics' own DistillationModel (a checkpoint of a run without FAMKDTrainer?): "
                 "FAMKDTrainer resumes only its own runs"
             )
-        self.model = YOLODistillationModel(self._teacher(), self.model, self.loss_factory, branch=self.branch)
+        self.model = YOLODistillationModel(
+            self._teacher(), self.model, self.loss_factory, branch=self.branch, logits=self.logits
+        )
         if self.args.compile:  # as ultralytics does for its own distillation
             LOGGER.warning("FAMKDTrainer: 'compile' is not supported with distillation and is disabled")
             self.args.compile = False
@@ -333,13 +342,15 @@ def distillation_trainer(
     *,
     teacher: nn.Module | None = None,
     branch: str = "one2many",
+    logits: bool = True,
 ) -> type[FAMKDTrainer]:
     """A `FAMKDTrainer` subclass bound to a loss factory (and optionally a teacher module).
 
     ultralytics builds trainers from a class (``YOLO(...).train(trainer=cls, ...)``), so the
     choices travel as class attributes. ``loss`` is a loss module of this package or a factory
     ``loss(student_channels, teacher_channels, num_classes)`` returning one (the channels are
-    then read from the two models); ``teacher``, when given, replaces ``distill_model=``.
+    then read from the two models); ``teacher``, when given, replaces ``distill_model=``;
+    ``logits=False`` distils `FAMKDLoss`'s feature part only (see `YOLODistillationModel`).
     """
     check_choice("branch", branch, DETECT_HEAD_BRANCHES)
     if loss is not None and not callable(loss):
@@ -347,5 +358,10 @@ def distillation_trainer(
             "loss must be a loss module or a factory (student_channels, teacher_channels, num_classes) -> module, "
             f"got {loss!r}"
         )
-    attrs = {"loss_factory": staticmethod(loss) if loss is not None else None, "teacher": teacher, "branch": branch}
+    attrs = {
+        "loss_factory": staticmethod(loss) if loss is not None else None,
+        "teacher": teacher,
+        "branch": branch,
+        "logits": bool(logits),
+    }
     return type("BoundFAMKDTrainer", (FAMKDTrainer,), attrs)

@@ -290,6 +290,7 @@ def test_quick_yolo_end_to_end(tmp_path, monkeypatch):
         ("student", 0),
         ("builtin", 0),
         ("famkd", 0),
+        ("famkd_feature", 0),
         ("mgd", 0),
         ("cwd", 0),
         ("control", 0),
@@ -302,13 +303,14 @@ def test_quick_yolo_end_to_end(tmp_path, monkeypatch):
         assert all(math.isfinite(v) for v in run["ultralytics_test"].values()), run["key"]
     by_key = {r["key"]: r for r in state["runs"]}
     assert by_key["student"]["epochs"] == 1 and by_key["control"]["epochs"] >= 1
-    assert state["control_match"]["run"] in ("builtin", "famkd", "mgd", "cwd")
+    assert state["control_match"]["run"] in ("builtin", "famkd", "famkd_feature", "mgd", "cwd")
     assert state["builtin_dis"] == 6.0  # ultralytics' default, untouched
-    assert set(state["calibration"]) == {"famkd", "mgd", "cwd"}
+    assert set(state["calibration"]) == {"famkd", "famkd_feature", "mgd", "cwd"}
+    assert set(state["calibration"]["famkd_feature"]["weights"]) == {"feature"}  # no logits term
     assert [s for s, _ in state["paired"]["famkd - builtin"]["per_seed"]] == [0, 1]
     md = (out / "results.md").read_text()
     assert "smoke run" in md and "not evidence" in md
-    for label in ("student alone", "ultralytics built-in", "FAMKD", "MGD", "CWD", "wall time of the slowest"):
+    for label in ("student alone", "ultralytics built-in", "FAMKD", "feature part", "MGD", "CWD", "wall time of the"):
         assert label in md
     assert (out / "ap_per_method.png").stat().st_size > 0
     assert list(cache.glob("yolo-teacher-*.pt")) and list(cache.glob("yolo-data-*/data.yaml"))

@@ -193,6 +193,23 @@ def test_the_distillation_term_is_the_loss_on_the_heads_tensors():
     assert {"feature", "logits"} <= set(model.distill_loss.last_terms())
 
 
+def test_logits_false_distils_the_feature_part_only():
+    """logits=False: dis_loss is FAMKDLoss on the features alone, and no logits part is recorded."""
+    teacher, student = _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)
+    model = YOLODistillationModel(
+        teacher, student, lambda s, t, nc: FAMKDLoss(s, t, num_classes=nc, alpha=1e-3), logits=False
+    )
+    model.train()
+    batch = _batch()
+    _, items = model(batch)
+    with torch.no_grad():
+        t = yolo_outputs(teacher(batch["img"]))
+        s = yolo_outputs(student(batch["img"]))
+        expected = model.distill_loss(s.features, t.features)
+    torch.testing.assert_close(items["dis_loss"][0], expected)
+    assert "feature" in model.distill_loss.last_terms() and "logits" not in model.distill_loss.last_terms()
+
+
 def test_autocast_bf16_step_is_finite():
     model = YOLODistillationModel(_model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1))
     model.train()
@@ -327,6 +344,13 @@ def test_bound_trainer_with_a_teacher_module_and_another_loss(tmp_path):
     trainer_cls = distillation_trainer(lambda s, t, nc: MGDLoss(s, t, seed=0), teacher=_model("yolov8s.yaml", 0))
     trainer = _train(tmp_path, trainer_cls)
     assert isinstance(trainer.model.distill_loss, MGDLoss)
+    assert float(trainer.tloss["dis_loss"]) > 0
+
+
+def test_bound_trainer_passes_logits_false_to_the_wrapper(tmp_path):
+    trainer_cls = distillation_trainer(teacher=_model("yolov8s.yaml", 0), logits=False)
+    trainer = _train(tmp_path, trainer_cls)
+    assert trainer.model.logits is False and "logits" not in trainer.model.distill_loss.last_terms()
     assert float(trainer.tloss["dis_loss"]) > 0
 
 
