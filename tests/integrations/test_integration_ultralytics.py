@@ -178,36 +178,23 @@ def test_model_ema_takes_a_loss_with_a_seeded_mask_stream(factory):
     assert all(saved[k].dtype == torch.int64 and torch.equal(saved[k], esd[k]) for k in steps)
 
 
-def test_the_distillation_term_is_the_loss_on_the_heads_tensors():
-    """dis_loss equals FAMKDLoss called directly on what the two heads produced."""
+@pytest.mark.parametrize("logits", [True, False])
+def test_the_distillation_term_is_the_loss_on_the_heads_tensors(logits):
+    """dis_loss equals FAMKDLoss called directly on what the two heads produced (logits=False: on the
+    features alone, and no logits part is recorded)."""
     teacher, student = _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)
-    model = YOLODistillationModel(teacher, student, lambda s, t, nc: FAMKDLoss(s, t, num_classes=nc, alpha=1e-3))
+    factory = lambda s, t, nc: FAMKDLoss(s, t, num_classes=nc, alpha=1e-3)  # noqa: E731
+    model = YOLODistillationModel(teacher, student, factory, logits=logits)
     model.train()
     batch = _batch()
     _, items = model(batch)
     with torch.no_grad():
         t = yolo_outputs(teacher(batch["img"]))
         s = yolo_outputs(student(batch["img"]))
-        expected = model.distill_loss(s.features, t.features, s.cls_logits, t.cls_logits)
+        given = (s.cls_logits, t.cls_logits) if logits else ()
+        expected = model.distill_loss(s.features, t.features, *given)
     torch.testing.assert_close(items["dis_loss"][0], expected)
-    assert {"feature", "logits"} <= set(model.distill_loss.last_terms())
-
-
-def test_logits_false_distils_the_feature_part_only():
-    """logits=False: dis_loss is FAMKDLoss on the features alone, and no logits part is recorded."""
-    teacher, student = _model("yolov8s.yaml", 0), _model("yolov8n.yaml", 1)
-    model = YOLODistillationModel(
-        teacher, student, lambda s, t, nc: FAMKDLoss(s, t, num_classes=nc, alpha=1e-3), logits=False
-    )
-    model.train()
-    batch = _batch()
-    _, items = model(batch)
-    with torch.no_grad():
-        t = yolo_outputs(teacher(batch["img"]))
-        s = yolo_outputs(student(batch["img"]))
-        expected = model.distill_loss(s.features, t.features)
-    torch.testing.assert_close(items["dis_loss"][0], expected)
-    assert "feature" in model.distill_loss.last_terms() and "logits" not in model.distill_loss.last_terms()
+    assert ("logits" in model.distill_loss.last_terms()) is logits and "feature" in model.distill_loss.last_terms()
 
 
 def test_autocast_bf16_step_is_finite():
