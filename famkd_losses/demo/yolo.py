@@ -80,7 +80,7 @@ class YoloConfig:
     Default sizes. Epoch times on 2 CPU cores (one torch thread, 3,000 training canvases) differ about 2x
     between machines: the teacher's 40 to 69 s, the student alone 22 to 42, + built-in 33 to 61, + FAMKD
     41 to 71, + MGD 38 to 68, + CWD 31 to 65. The whole protocol (the teacher's 10 epochs once, 3 seeds x
-    5 student runs x 2 epochs, the control, the evaluations) took 27 minutes on the faster machine (the
+    6 student runs x 2 epochs, the control, the evaluations) took 31 minutes on the faster machine (the
     teacher 7 of them), so about an hour on the slower.
     """
 
