@@ -113,11 +113,9 @@ def build_loss(
     """The loss module of method ``key``; ``weights`` maps its terms to weights (None: the package defaults)."""
     s_ch, t_ch = list(student_channels), list(teacher_channels)
     w = dict(weights or {})
-    if key == "famkd":
-        extra = {"alpha": w["feature"], "beta": w["logits"]} if weights else {}
-        return FAMKDLoss(s_ch, t_ch, num_classes=num_classes, seed=seed, backend=backend, **extra)
-    if key == "famkd_feature":
-        extra = {"alpha": w["feature"]} if weights else {}
+    if key in ("famkd", "famkd_feature"):  # one loss: famkd_feature is called without the logits
+        argument = {"feature": "alpha", "logits": "beta"}
+        extra = {argument[term]: w[term] for term in LOSS_TERMS[key]} if weights else {}
         return FAMKDLoss(s_ch, t_ch, num_classes=num_classes, seed=seed, backend=backend, **extra)
     if key == "mgd":
         extra = {"alpha": w["feature"]} if weights else {}
@@ -130,10 +128,9 @@ def build_loss(
 
 def default_weights(key: str, loss: nn.Module) -> dict[str, float]:
     """The term weights a loss module of method ``key`` carries."""
-    if key == "famkd":
-        return {"feature": float(loss.feature_losses[0].alpha), "logits": float(loss.logits_loss.beta)}
-    if key == "famkd_feature":
-        return {"feature": float(loss.feature_losses[0].alpha)}
+    if key in ("famkd", "famkd_feature"):
+        carried = {"feature": float(loss.feature_losses[0].alpha), "logits": float(loss.logits_loss.beta)}
+        return {term: carried[term] for term in LOSS_TERMS[key]}
     if key == "mgd":
         return {"feature": float(loss.alpha)}
     return {"feature": float(loss.loss_weight)}

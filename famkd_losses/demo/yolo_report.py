@@ -152,7 +152,7 @@ def results_markdown(state: dict) -> str:
         "## Equal epochs",
         "",
     ]
-    main = [by_key[k] for k in ROW_ORDER[:-1] if k in by_key]
+    main = [by_key[k] for k in ROW_ORDER if k in by_key and k != "control"]
     lines += [*_table(main, ref), ""]
     if "teacher" in by_key and student:
         lines += [f"Teacher - student gap: {by_key['teacher']['mean']['AP'] - ref:.1f} AP.", ""]
@@ -196,7 +196,7 @@ def results_markdown(state: dict) -> str:
         "| run | term | measured at weight 1 | detection loss | weight | starts at (x detection loss) |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for key in ("famkd", "famkd_feature", "mgd", "cwd"):
+    for key in ROW_ORDER:  # the methods with a calibrated loss, in the tables' order
         cal = state["calibration"].get(key)
         if not cal:
             continue

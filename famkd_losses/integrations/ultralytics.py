@@ -267,7 +267,7 @@ class YOLODistillationModel(DistillationModel):
         size = image.shape[-2:]
         student = yolo_outputs(s_raw, branch=self.branch, image_size=size)
         teacher = yolo_outputs(t_raw, branch=self.branch, image_size=size, batch=batch)  # FGD reads its boxes
-        kd = distillation_loss(self.projector, student, teacher, logits=getattr(self, "logits", True)).reshape(1)
+        kd = distillation_loss(self.projector, student, teacher, logits=self.logits).reshape(1)
         items["dis_loss"] = kd.detach()  # shape (1,), as ultralytics reports its own
         return torch.cat([det_loss, (kd * image.shape[0]).to(det_loss.dtype)]), items
 
